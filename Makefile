@@ -1,0 +1,24 @@
+# forkbridge: `make test` and `make demo` work on a fresh clone; they set up .venv themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= conf/forkbridge.yaml
+
+.PHONY: test lint run sysdeps
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Debian tools some tests use (promtool, prometheus, systemd-analyze); a no-op when present or not root.
+sysdeps:
+	@sh scripts/system-packages.sh
+
+test: $(STAMP) sysdeps
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .

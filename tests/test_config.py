@@ -1,0 +1,136 @@
+"""The config an operator writes: a good file loads, and every broken one says file, line and key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from controller.cli import main
+from controller.config import ConfigError, load_config, parse_duration
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {"FORKBRIDGE_ESL_PASSWORD": "s3cret-esl", "FORKBRIDGE_TOKEN_SECRET": "0123456789abcdef0123",
+       "OPENAI_API_KEY": "sk-test-123"}
+
+GOOD = """\
+esl:
+  password: ${ESL_PW:-ClueCon2}
+bridge:
+  token_secret: ${TOKEN_SECRET:-0123456789abcdef}
+engines:
+  bot:
+    type: echo
+defaults:
+  sample_rate: 8000
+routes:
+  - did: ["7100", "7101"]
+    engine: bot
+  - pattern: "1555[0-9]{7}"
+    engine: bot
+    sample_rate: 16000
+    playback: stream
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "forkbridge.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def problems(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env or {})
+    return info.value.problems
+
+
+def test_example_config_loads_and_prints_its_routes(capsys, monkeypatch):
+    for key, value in ENV.items():
+        monkeypatch.setenv(key, value)
+    assert main(["check-config", str(REPO / "conf" / "forkbridge.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "15557654321,7100" in out and "openai (openai_realtime)" in out
+    assert "/71[0-9][0-9]/" in out and "line-check (echo)" in out
+    assert "sk-test-123" not in out and "s3cret-esl" not in out
+
+
+def test_defaults_fill_routes_and_first_match_wins(tmp_path):
+    config = load_config(write(tmp_path, GOOD), env={})
+    assert config.esl.password == "ClueCon2" and config.esl.port == 8021
+    first, second = config.routes
+    assert first.sample_rate == 8000 and second.sample_rate == 16000 and second.playback == "stream"
+    assert config.route_for("7101") is first
+    assert config.route_for("15551234567") is second
+    assert config.route_for("155512345678") is None  # the pattern is anchored
+    assert config.route_for("9999") is None
+    assert "0123456789abcdef" in config.secrets
+
+
+def test_env_value_is_typed_like_yaml(tmp_path):
+    text = GOOD.replace("  password:", "  port: ${ESL_PORT:-8022}\n  password:")
+    assert load_config(write(tmp_path, text), env={"ESL_PORT": "9021"}).esl.port == 9021
+    assert load_config(write(tmp_path, text), env={}).esl.port == 8022
+
+
+def test_durations():
+    assert parse_duration("30s") == 30 and parse_duration("5m") == 300 and parse_duration("250ms") == 0.25
+    assert parse_duration("1h") == 3600 and parse_duration(12) == 12
+    assert parse_duration("soon") is None and parse_duration(-1) is None
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    found = problems(tmp_path, GOOD.replace("engine: bot\n  - pattern", "engine: [bot\n  - pattern"))
+    assert len(found) == 1 and "forkbridge.yaml:" in found[0] and "YAML syntax error" in found[0]
+
+
+def test_unknown_key_is_a_typo(tmp_path):
+    (found,) = problems(tmp_path, GOOD.replace("    engine: bot\n  - pattern", "    engine: bot\n    greting: hi\n"
+                                                                            "  - pattern"))
+    assert found.endswith("forkbridge.yaml:13: routes[0].greting: unknown key (did you mean 'greeting'?); "
+                          "expected one of: " + found.split("expected one of: ")[1])
+
+
+def test_wrong_type(tmp_path):
+    (found,) = problems(tmp_path, GOOD.replace("  password:", "  port: eighty\n  password:"))
+    assert found.endswith(":2: esl.port: expected an integer, got the string 'eighty'")
+
+
+def test_route_naming_an_undefined_engine(tmp_path):
+    (found,) = problems(tmp_path, GOOD.replace("    engine: bot\n    sample_rate", "    engine: bots\n    sample_rate"))
+    assert ":14: routes[1].engine: engine 'bots' is not defined under engines (defined: bot)" in found
+
+
+def test_invalid_regex(tmp_path):
+    (found,) = problems(tmp_path, GOOD.replace("1555[0-9]{7}", "1555[0-9{7}"))
+    assert ":13: routes[1].pattern: invalid regular expression" in found
+
+
+def test_same_did_in_two_routes(tmp_path):
+    text = GOOD + "  - did: \"7101\"\n    engine: bot\n"
+    (found,) = problems(tmp_path, text)
+    assert ":17: routes[2].did: DID 7101 is already routed by routes[0]" in found
+
+
+def test_unsupported_sample_rate(tmp_path):
+    (found,) = problems(tmp_path, GOOD.replace("sample_rate: 16000", "sample_rate: 44100"))
+    assert ":15: routes[1].sample_rate: 44100 is not supported; expected one of 8000, 16000" in found
+
+
+def test_missing_env_var_without_default(tmp_path):
+    (found,) = problems(tmp_path, GOOD.replace("${ESL_PW:-ClueCon2}", "${ESL_PW}"))
+    assert ":2: esl.password: environment variable ESL_PW is not set and has no default" in found
+
+
+def test_every_problem_is_reported_and_cli_exits_1(tmp_path, capsys):
+    text = GOOD.replace("sample_rate: 16000", "sample_rate: 44100").replace("type: echo", "type: eccho")
+    path = write(tmp_path, text)
+    assert main(["check-config", path]) == 1
+    err = capsys.readouterr().err
+    assert "engines.bot.type: expected one of echo, openai_realtime, elevenlabs, generic, got 'eccho'" in err
+    assert "routes[1].sample_rate" in err
+    # the bad type, then each route's reference to the engine that therefore does not exist, then the rate
+    assert err.count("is not defined under engines") == 2
+    assert "4 problem(s)" in err
+

@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
-    from controller.daemon import run_daemon  # imported late: it monkey-patches
+    from gevent import monkey
+
+    monkey.patch_all()  # the one place the process is patched, before the daemon's modules load
+    from controller.daemon import run_daemon
 
     return run_daemon(args.config)
 

@@ -1,0 +1,22 @@
+"""The call-control actions the bridge may ask of the controller. The bridge never builds ESL strings."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class CallControl(Protocol):
+    def play(self, path: str) -> None:
+        """Queue a file for the caller (after whatever is queued already)."""
+
+    def break_all(self) -> None:
+        """Stop what the caller hears now and drop everything queued."""
+
+    def hangup(self, cause: str = "NORMAL_CLEARING") -> None: ...
+
+    def transfer(self, target: str) -> None:
+        """Transfer to a destination the route allows (validated before this is called)."""
+
+    def send_dtmf(self, digits: str) -> None: ...
+
+    def setvar(self, name: str, value: str) -> None: ...

@@ -1,0 +1,305 @@
+"""Getting the engine's speech to the caller, and knowing how much of it they actually heard.
+
+Two modes behind one small shape (`feed`, `response_done`, `stop`, `close`):
+- `BroadcastPlayer`: chunks written to the spool dir as raw L16 files (.r8/.r16, what mod_sndfile plays) and
+  queued with uuid_broadcast through call control. A short first chunk gets the first word out fast; later
+  chunks grow so FreeSWITCH always has the next one queued (gapless). PLAYBACK_START/STOP say what is playing.
+- `StreamPlayer`: binary L16 frames back over the fork's WebSocket (jambonz bidirectional build), paced at
+  real time with a small lead, cleared with `killAudio`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+
+from bridge.callcontrol import CallControl
+
+log = logging.getLogger("forkbridge.playback")
+
+FIRST_CHUNK_MS = 160
+MAX_CHUNK_MS = 1000
+FLUSH_AFTER_S = 0.08  # pending audio shorter than a chunk is queued anyway after this long
+
+
+@dataclass
+class Heard:
+    """What the caller heard of one response when playback was stopped."""
+
+    response_id: str
+    played_ms: int
+    received_ms: int
+
+
+@dataclass
+class _Chunk:
+    path: str
+    response_id: str
+    duration_ms: float
+    started_at: float = 0.0
+    finished: bool = False
+
+
+class Player:
+    """Common bookkeeping: audio per response received, and callbacks for metrics/timeline."""
+
+    def __init__(self, rate: int, on_first_heard: Callable[[str], None] | None = None,
+                 on_underrun: Callable[[], None] | None = None) -> None:
+        self.rate = rate
+        self.bytes_per_ms = rate * 2 / 1000.0
+        self.on_first_heard = on_first_heard or (lambda _rid: None)
+        self.on_underrun = on_underrun or (lambda: None)
+        self.received_ms: dict[str, float] = {}
+        self.current: str = ""  # the response being played (or last played)
+
+    def _ms(self, nbytes: int) -> float:
+        return nbytes / self.bytes_per_ms
+
+    def feed(self, pcm: bytes, response_id: str) -> None:
+        raise NotImplementedError
+
+    def response_done(self, response_id: str) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> Heard | None:
+        raise NotImplementedError
+
+    @property
+    def playing(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class BroadcastPlayer(Player):
+    def __init__(self, control: CallControl, spool_dir: str, uuid: str, rate: int, **callbacks) -> None:
+        super().__init__(rate, **callbacks)
+        self.control = control
+        self.spool_dir = spool_dir
+        self.uuid = uuid
+        self.ext = ".r8" if rate == 8000 else ".r16"
+        self._seq = 0
+        self._pending = bytearray()
+        self._pending_response = ""
+        self._next_chunk_ms = FIRST_CHUNK_MS
+        self._chunks: dict[str, _Chunk] = {}  # path → chunk, in queue order
+        self._order: list[str] = []
+        self._heard_ms: dict[str, float] = {}
+        self._flush_timer: gevent.Greenlet | None = None
+        self._done: set[str] = set()
+        self.chunks_queued = 0
+
+    # ---- feeding ----
+    def feed(self, pcm: bytes, response_id: str) -> None:
+        if response_id != self._pending_response:
+            self._flush()
+            self._pending_response = response_id
+            self._next_chunk_ms = FIRST_CHUNK_MS
+        self.received_ms[response_id] = self.received_ms.get(response_id, 0.0) + self._ms(len(pcm))
+        self._pending += pcm
+        if self._ms(len(self._pending)) >= self._next_chunk_ms:
+            self._flush()
+        elif self._flush_timer is None:
+            self._flush_timer = gevent.spawn_later(FLUSH_AFTER_S, self._timed_flush)
+
+    def response_done(self, response_id: str) -> None:
+        self._done.add(response_id)
+        if response_id == self._pending_response:
+            self._flush()
+
+    def _timed_flush(self) -> None:
+        self._flush_timer = None
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.kill(block=False)
+            self._flush_timer = None
+        usable = len(self._pending) - len(self._pending) % 2
+        if usable <= 0:
+            return
+        data = bytes(self._pending[:usable])
+        del self._pending[:usable]
+        self._seq += 1
+        path = os.path.join(self.spool_dir, f"{self.uuid}-{self._seq:05d}{self.ext}")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        chunk = _Chunk(path, self._pending_response, self._ms(len(data)))
+        self._chunks[path] = chunk
+        self._order.append(path)
+        self._next_chunk_ms = min(MAX_CHUNK_MS, self._next_chunk_ms * 2)
+        self.chunks_queued += 1
+        self.control.play(path)
+
+    # ---- what FreeSWITCH reports ----
+    def owns(self, path: str) -> bool:
+        return path in self._chunks
+
+    def playback_started(self, path: str) -> None:
+        chunk = self._chunks.get(path)
+        if chunk is None:
+            return
+        chunk.started_at = time.monotonic()
+        if self._heard_ms.get(chunk.response_id) is None:
+            self._heard_ms[chunk.response_id] = 0.0
+            self.on_first_heard(chunk.response_id)
+        self.current = chunk.response_id
+
+    def playback_stopped(self, path: str, status: str) -> None:
+        chunk = self._chunks.pop(path, None)
+        if chunk is None:
+            return
+        if path in self._order:
+            self._order.remove(path)
+        if chunk.started_at and not chunk.finished:
+            played = chunk.duration_ms if status == "done" else self._elapsed_ms(chunk)
+            self._heard_ms[chunk.response_id] = self._heard_ms.get(chunk.response_id, 0.0) + played
+            chunk.finished = True
+        _remove(path)
+        still_coming = chunk.response_id not in self._done
+        if status == "done" and not self._order and still_coming and chunk.response_id == self._pending_response:
+            self.on_underrun()
+
+    def _elapsed_ms(self, chunk: _Chunk) -> float:
+        return min(chunk.duration_ms, (time.monotonic() - chunk.started_at) * 1000.0)
+
+    @property
+    def playing(self) -> bool:
+        return bool(self._order) or bool(self._pending)
+
+    def stop(self) -> Heard | None:
+        """Barge-in: stop FreeSWITCH at once, drop everything queued, say how much of the response was heard."""
+        if not self.playing:
+            return None
+        self.control.break_all()
+        response = self.current or self._pending_response
+        heard = self._heard_ms.get(response, 0.0)
+        for path in list(self._order):
+            chunk = self._chunks[path]
+            if chunk.started_at and not chunk.finished and chunk.response_id == response:
+                heard += self._elapsed_ms(chunk)
+                chunk.finished = True
+        self._pending.clear()
+        if self._flush_timer is not None:
+            self._flush_timer.kill(block=False)
+            self._flush_timer = None
+        # Queued chunks never start after `uuid_break all`; their files go now or at PLAYBACK_STOP.
+        for path in list(self._order):
+            if not self._chunks[path].started_at:
+                self._chunks.pop(path)
+                self._order.remove(path)
+                _remove(path)
+        received = self.received_ms.get(response, 0.0)
+        return Heard(response, int(min(heard, received)), int(received))
+
+    def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.kill(block=False)
+        for path in list(self._chunks):
+            _remove(path)
+        self._chunks.clear()
+        self._order.clear()
+        self._pending.clear()
+
+
+class StreamPlayer(Player):
+    """Paced binary frames back on the fork socket; `send_binary`/`send_text` write to that socket."""
+
+    FRAME_MS = 20
+    LEAD_MS = 60
+
+    def __init__(self, send_binary: Callable[[bytes], None], send_text: Callable[[str], None], rate: int,
+                 **callbacks) -> None:
+        super().__init__(rate, **callbacks)
+        self.send_binary = send_binary
+        self.send_text = send_text
+        self.frame_bytes = int(self.bytes_per_ms * self.FRAME_MS)
+        self._queue: list[tuple[str, bytes]] = []
+        self._buffer = bytearray()
+        self._buffer_response = ""
+        self._pacer: gevent.Greenlet | None = None
+        self._sent_ms: dict[str, float] = {}
+        self._first_sent_at: dict[str, float] = {}
+
+    def feed(self, pcm: bytes, response_id: str) -> None:
+        if response_id != self._buffer_response:
+            self._drain_buffer(final=True)
+            self._buffer_response = response_id
+        self.received_ms[response_id] = self.received_ms.get(response_id, 0.0) + self._ms(len(pcm))
+        self._buffer += pcm
+        self._drain_buffer(final=False)
+        if self._pacer is None or self._pacer.dead:
+            self._pacer = gevent.spawn(self._pace)
+
+    def response_done(self, response_id: str) -> None:
+        if response_id == self._buffer_response:
+            self._drain_buffer(final=True)
+
+    def _drain_buffer(self, final: bool) -> None:
+        while len(self._buffer) >= self.frame_bytes or (final and len(self._buffer) >= 2):
+            size = min(self.frame_bytes, len(self._buffer) - len(self._buffer) % 2)
+            self._queue.append((self._buffer_response, bytes(self._buffer[:size])))
+            del self._buffer[:size]
+
+    def _pace(self) -> None:
+        start = time.monotonic()
+        sent_ms = 0.0
+        while self._queue:
+            ahead = sent_ms - (time.monotonic() - start) * 1000.0
+            if ahead > self.LEAD_MS:
+                gevent.sleep((ahead - self.LEAD_MS) / 1000.0)
+                continue
+            response_id, frame = self._queue.pop(0)
+            if response_id not in self._first_sent_at:
+                self._first_sent_at[response_id] = time.monotonic()
+                self.current = response_id
+                self.on_first_heard(response_id)
+            try:
+                self.send_binary(frame)
+            except Exception:
+                self._queue.clear()
+                return
+            ms = self._ms(len(frame))
+            sent_ms += ms
+            self._sent_ms[response_id] = self._sent_ms.get(response_id, 0.0) + ms
+
+    @property
+    def playing(self) -> bool:
+        if self._queue or self._buffer:
+            return True
+        first = self._first_sent_at.get(self.current)
+        return first is not None and (time.monotonic() - first) * 1000.0 < self._sent_ms.get(self.current, 0.0)
+
+    def stop(self) -> Heard | None:
+        if not self.playing:
+            return None
+        self._queue.clear()
+        self._buffer.clear()
+        if self._pacer is not None:
+            self._pacer.kill(block=False)
+            self._pacer = None
+        with contextlib.suppress(Exception):
+            self.send_text('{"type":"killAudio"}')
+        response = self.current or self._buffer_response
+        first = self._first_sent_at.get(response)
+        played = 0.0 if first is None else (time.monotonic() - first) * 1000.0
+        played = min(played, self._sent_ms.get(response, 0.0))
+        received = self.received_ms.get(response, 0.0)
+        return Heard(response, int(min(played, received)), int(received))
+
+    def close(self) -> None:
+        self._queue.clear()
+        if self._pacer is not None:
+            self._pacer.kill(block=False)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

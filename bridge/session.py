@@ -1,0 +1,356 @@
+"""One call's media: caller audio → engine, engine speech → caller, barge-in, tools, greeting.
+
+Created by the controller when a call is answered (so the engine warms up while FreeSWITCH dials us), given
+the fork's WebSocket when it arrives, and told about playback and DTMF events. It reports failures and
+milestones through `SessionHooks`; it changes the call only through `CallControl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+from gevent.lock import Semaphore
+
+from bridge import engines as engine_registry
+from bridge.audio import Converter
+from bridge.callcontrol import CallControl
+from bridge.engine import (
+    PCM16,
+    AudioFormat,
+    AudioOut,
+    CallInfo,
+    Closed,
+    Engine,
+    EngineError,
+    EngineEvent,
+    EngineRefused,
+    Interrupted,
+    ResponseDone,
+    SpeechStarted,
+    SpeechStopped,
+    ToolCall,
+    Transcript,
+)
+from bridge.playback import BroadcastPlayer, Player, StreamPlayer
+from bridge.tools import build_tool_specs, decide
+
+log = logging.getLogger("forkbridge.bridge")
+
+SILENCE_WRITER = "silence_stream://-1"  # gives a parked leg a writer so streamed audio is played out
+
+
+@dataclass
+class SessionHooks:
+    """How the session tells the controller what happened (all optional except fail)."""
+
+    fail: Callable[[str], None]
+    mark: Callable[[str, Mapping[str, Any]], None] = lambda _name, _detail: None
+
+
+@dataclass
+class MediaOptions:
+    engine_type: str
+    engine_options: Mapping[str, Any]
+    playback: str  # broadcast | stream
+    spool_dir: str
+    greeting_file: str = ""
+    no_audio_timeout: float = 10.0
+    tools_allow: tuple[str, ...] = ()
+    transfer_targets: Mapping[str, str] = field(default_factory=dict)
+
+
+class MediaSession:
+    def __init__(self, info: CallInfo, options: MediaOptions, control: CallControl, hooks: SessionHooks,
+                 stats: Any = None) -> None:
+        self.info = info
+        self.options = options
+        self.control = control
+        self.hooks = hooks
+        self.stats = stats
+        self.call_format = AudioFormat(PCM16, info.sample_rate)
+        specs = build_tool_specs(list(options.tools_allow), list(options.transfer_targets))
+        self.info = CallInfo(**{**info.__dict__, "tools": specs})
+        self.engine: Engine | None = None
+        self.engine_ready = gevent.event.Event()
+        self.ws = None
+        self._ws_lock = Semaphore()
+        self._in: Converter | None = None
+        self._out: Converter | None = None
+        self.player: Player | None = None
+        self._early_audio: list[tuple[bytes, str]] = []
+        self._dropped: set[str] = set()
+        self._closed = False
+        self._last_audio = time.monotonic()
+        self._speech_stopped_at: float | None = None
+        self._greenlets: list[gevent.Greenlet] = []
+        self.transcripts: list[tuple[str, str]] = []
+        self.interruptions: list[tuple[str, int | None]] = []
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._greenlets.append(gevent.spawn(self._connect_engine))
+        self._greenlets.append(gevent.spawn(self._watch_audio))
+        if self.options.playback == "broadcast":
+            self.player = BroadcastPlayer(self.control, self.options.spool_dir, self.info.uuid,
+                                          self.info.sample_rate, on_first_heard=self._first_heard,
+                                          on_underrun=self._underrun)
+
+    def _connect_engine(self) -> None:
+        try:
+            engine = engine_registry.create_engine(self.options.engine_type, self.options.engine_options,
+                                                   self.info, self._on_engine_event)
+            self.engine = engine
+            engine.connect()
+        except EngineRefused as exc:
+            self._fail("engine_refused", str(exc))
+            return
+        except Exception as exc:
+            log.exception("engine failed to start for %s", self.info.uuid)
+            self._fail("engine_refused", type(exc).__name__)
+            return
+        if self._closed:
+            engine.close()
+            return
+        formats = engine.formats
+        assert formats is not None, "engine.connect() must set formats"
+        self._in = Converter(self.call_format, formats.input)
+        self._out = Converter(formats.output, self.call_format)
+        self.engine_ready.set()
+        self.hooks.mark("engine_connected", {"input": formats.input.encoding, "rate": formats.input.rate})
+        if self.options.greeting_file:
+            self.control.play(self.options.greeting_file)
+        elif self.info.greeting:
+            engine.greet()
+
+    def close(self, reason: str = "hangup") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.player is not None:
+            self.player.close()
+        if self.engine is not None:
+            try:
+                self.engine.close()
+            except Exception:
+                log.exception("engine close failed for %s", self.info.uuid)
+        for greenlet in self._greenlets:
+            greenlet.kill(block=False)
+        ws = self.ws
+        if ws is not None and reason != "hangup":
+            close_ws(ws, 1000, b"call ended")
+
+    def _fail(self, reason: str, detail: str = "") -> None:
+        if self._closed:
+            return
+        log.warning("call %s: %s %s", self.info.uuid, reason, detail)
+        self.hooks.fail(reason)
+
+    # ---- the fork socket --------------------------------------------------------------------------
+
+    def attach(self, ws: Any, max_frame_bytes: int) -> str:
+        """Pump the fork's frames until it closes. Returns why it ended: closed, oversized, or ended."""
+        self.ws = ws
+        self._last_audio = time.monotonic()
+        self.hooks.mark("fork_connected", {})
+        if self.options.playback == "stream":
+            self.player = StreamPlayer(self._send_binary, self._send_text, self.info.sample_rate,
+                                       on_first_heard=self._first_heard, on_underrun=self._underrun)
+            self.control.play(SILENCE_WRITER)
+            early, self._early_audio = self._early_audio, []
+            for audio, response_id in early:
+                self.player.feed(audio, response_id)
+        first_audio = True
+        while not self._closed:
+            try:
+                message = ws.receive()
+            except Exception:
+                message = None
+            if message is None:
+                return "closed"
+            if isinstance(message, str):
+                self._on_text(message)
+                continue
+            if len(message) > max_frame_bytes:
+                close_ws(ws, 1009, b"frame too large")
+                return "oversized"
+            if not message:
+                continue  # graceful-shutdown marker: no audio follows
+            self._last_audio = time.monotonic()
+            if first_audio:
+                first_audio = False
+                self.hooks.mark("first_caller_audio", {"bytes": len(message)})
+            if self.stats is not None:
+                self.stats.audio_in(len(message))
+            if self._in is not None and self.engine is not None:
+                try:
+                    self.engine.send_audio(self._in.convert(bytes(message)))
+                except Exception:
+                    log.debug("send_audio failed for %s", self.info.uuid, exc_info=True)
+        return "ended"
+
+    def _on_text(self, text: str) -> None:
+        """Metadata and module text frames: parsed defensively, never trusted for anything that matters."""
+        decoder = json.JSONDecoder()
+        pos = 0
+        while pos < len(text):  # the drachtio build may concatenate several objects in one frame
+            try:
+                obj, end = decoder.raw_decode(text, pos)
+            except ValueError:
+                log.debug("call %s: ignoring non-JSON text frame (%d bytes)", self.info.uuid, len(text))
+                return
+            if isinstance(obj, dict):
+                self.hooks.mark("fork_text", {"keys": sorted(obj)[:8]})
+            pos = end
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+
+    def _send_binary(self, data: bytes) -> None:
+        with self._ws_lock:
+            self.ws.send(data, binary=True)
+        if self.stats is not None:
+            self.stats.audio_out(len(data))
+
+    def _send_text(self, text: str) -> None:
+        with self._ws_lock:
+            self.ws.send(text)
+
+    def _watch_audio(self) -> None:
+        """No caller audio for no_audio_timeout (the fork never came, or went silent) → fallback."""
+        timeout = self.options.no_audio_timeout
+        if timeout <= 0:
+            return
+        while not self._closed:
+            idle = time.monotonic() - self._last_audio
+            if idle >= timeout:
+                self._fail("no_audio", f"{idle:.1f}s without caller audio")
+                return
+            gevent.sleep(min(1.0, timeout - idle + 0.05))
+
+    # ---- from the controller ----------------------------------------------------------------------
+
+    def send_text(self, text: str) -> None:
+        """DTMF (or other caller-side text) to the model; waits briefly for the engine to be ready."""
+        if self.engine_ready.wait(5.0) and self.engine is not None and not self._closed:
+            self.engine.send_text(text)
+
+    def playback_event(self, name: str, path: str, status: str) -> None:
+        player = self.player
+        if not isinstance(player, BroadcastPlayer) or not player.owns(path):
+            return
+        if name == "PLAYBACK_START":
+            player.playback_started(path)
+        else:
+            player.playback_stopped(path, status)
+
+    # ---- from the engine --------------------------------------------------------------------------
+
+    def _on_engine_event(self, event: EngineEvent) -> None:
+        if self._closed:
+            return
+        if isinstance(event, AudioOut):
+            self._on_audio(event)
+        elif isinstance(event, SpeechStarted):
+            self.hooks.mark("speech_started", {})
+            self.barge_in()
+        elif isinstance(event, SpeechStopped):
+            self._speech_stopped_at = time.monotonic()
+            self.hooks.mark("speech_stopped", {})
+        elif isinstance(event, Interrupted):
+            self.barge_in(tell_engine=False)
+        elif isinstance(event, ResponseDone):
+            if self.player is not None and event.response_id not in self._dropped:
+                self.player.response_done(event.response_id)
+        elif isinstance(event, Transcript):
+            if event.final:
+                self.transcripts.append((event.role, event.text))
+                self.hooks.mark("transcript", {"role": event.role, "text": event.text})
+        elif isinstance(event, ToolCall):
+            gevent.spawn(self._on_tool, event)
+        elif isinstance(event, EngineError):
+            self.hooks.mark("engine_error", {"code": event.code, "fatal": event.fatal})
+            if event.fatal:
+                self._fail("engine_error", event.code)
+        elif isinstance(event, Closed):
+            self._fail("engine_closed" if event.clean else "engine_dropped", event.reason)
+
+    def _on_audio(self, event: AudioOut) -> None:
+        if event.response_id in self._dropped or self._out is None:
+            return
+        pcm = self._out.convert(event.audio)
+        if not pcm:
+            return
+        if self.player is None:  # stream mode before the fork arrived
+            self._early_audio.append((pcm, event.response_id))
+            return
+        if event.response_id not in self.player.received_ms:
+            self.hooks.mark("engine_first_audio", {"response": event.response_id})
+        self.player.feed(pcm, event.response_id)
+
+    def barge_in(self, tell_engine: bool = True) -> None:
+        """Stop what the caller hears now; tell the engine how much they heard; drop the rest of that reply."""
+        player = self.player
+        if player is None or not player.playing:
+            return
+        started = time.monotonic()
+        heard = player.stop()
+        if heard is None:
+            return
+        self._dropped.add(heard.response_id)
+        if self._out is not None:
+            self._out.reset()
+        if isinstance(player, StreamPlayer):
+            self.control.play(SILENCE_WRITER)  # killAudio also stopped the writer
+        stop_ms = (time.monotonic() - started) * 1000.0
+        self.hooks.mark("barge_in", {"response": heard.response_id, "played_ms": heard.played_ms,
+                                     "received_ms": heard.received_ms, "stop_ms": round(stop_ms, 2)})
+        played = heard.played_ms if heard.played_ms > 0 else None
+        self.interruptions.append((heard.response_id, played))
+        if tell_engine and self.engine is not None:
+            self.engine.interrupt(heard.response_id, played)
+
+    def _first_heard(self, response_id: str) -> None:
+        detail: dict[str, Any] = {"response": response_id}
+        if self._speech_stopped_at is not None:
+            detail["since_speech_stopped_ms"] = round((time.monotonic() - self._speech_stopped_at) * 1000.0, 1)
+            self._speech_stopped_at = None
+        self.hooks.mark("caller_heard", detail)
+
+    def _underrun(self) -> None:
+        self.hooks.mark("playback_underrun", {})
+
+    def _on_tool(self, call: ToolCall) -> None:
+        decision = decide(call, self.info.tools)
+        self.hooks.mark("tool_call", {"name": call.name, "action": decision.action, "refused": decision.is_error})
+        if self.engine is not None:
+            self.engine.tool_result(call.call_id, decision.result_for_model, decision.is_error)
+        if decision.is_error:
+            return
+        if decision.action == "transfer":
+            self.hooks.mark("model_transfer", {"target": decision.argument})
+            self.control.transfer(self.options.transfer_targets[decision.argument])
+        elif decision.action == "hangup":
+            self.hooks.mark("model_hangup", {})
+            self.control.hangup("NORMAL_CLEARING")
+        elif decision.action == "send_dtmf":
+            self.control.send_dtmf(decision.argument)
+
+
+def close_ws(ws: Any, code: int, reason: bytes) -> None:
+    """A real close frame (gevent-websocket 0.10.1's close() ignores the code and sends a malformed one)."""
+    import struct
+
+    from geventwebsocket.websocket import WebSocket
+
+    with contextlib.suppress(Exception):
+        ws.send_frame(struct.pack("!H", code) + reason, WebSocket.OPCODE_CLOSE)
+    with contextlib.suppress(Exception):
+        ws.close()

@@ -1,0 +1,100 @@
+"""Call control over ESL for one call we own: the only place that writes uuid_* commands for it.
+
+Commands for one call go out in order through one worker (chunks must be broadcast in the order they were
+written), except `break_all`, which jumps the queue and drops queued plays: a barge-in must not wait.
+Once the call has ended nothing more is sent for its uuid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+import gevent
+import gevent.event
+
+from controller.esl import EslClient, EslError
+
+log = logging.getLogger("forkbridge.controller")
+
+
+class EslCallControl:
+    def __init__(self, esl: EslClient, uuid: str, on_sent: Callable[[str, float], None] | None = None) -> None:
+        self.esl = esl
+        self.uuid = uuid
+        self.on_sent = on_sent or (lambda _cmd, _t: None)
+        self._queue: deque[tuple[str, str]] = deque()  # (kind, command)
+        self._wake = gevent.event.Event()
+        self._closed = False
+        self._worker = gevent.spawn(self._run)
+        self.sent: list[str] = []
+
+    def _put(self, kind: str, command: str, urgent: bool = False) -> None:
+        if self._closed:
+            return
+        if urgent:
+            self._queue.appendleft((kind, command))
+        else:
+            self._queue.append((kind, command))
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed or self._queue:
+            if not self._queue:
+                self._wake.clear()
+                self._wake.wait()
+                continue
+            kind, command = self._queue.popleft()
+            try:
+                reply = self.esl.api(command)
+            except EslError as exc:
+                log.warning("call %s: %s not sent: %s", self.uuid, kind, exc)
+                continue
+            self.sent.append(command)
+            self.on_sent(kind, time.monotonic())
+            if not reply.startswith("+OK") and reply.strip() not in ("true", "false"):
+                log.info("call %s: %s → %s", self.uuid, kind, reply.strip())
+
+    # ---- the CallControl interface ----
+    def play(self, path: str) -> None:
+        self._put("play", f"uuid_broadcast {self.uuid} {path} aleg")
+
+    def break_all(self) -> None:
+        remaining = deque(item for item in self._queue if item[0] != "play")
+        self._queue = remaining
+        self._put("break", f"uuid_break {self.uuid} all", urgent=True)
+
+    def hangup(self, cause: str = "NORMAL_CLEARING") -> None:
+        self._put("hangup", f"uuid_kill {self.uuid} {cause}")
+
+    def transfer(self, target: str) -> None:
+        self._put("transfer", f"uuid_transfer {self.uuid} {target}")
+
+    def send_dtmf(self, digits: str) -> None:
+        self._put("send_dtmf", f"uuid_send_dtmf {self.uuid} {digits}")
+
+    def setvar(self, name: str, value: str) -> None:
+        self._put("setvar", f"uuid_setvar {self.uuid} {name} {value}")
+
+    def fork_command(self, command: str) -> None:
+        """A raw module sub-command for this call (e.g. `uuid_audio_fork <uuid> stop forkbridge`)."""
+        self._put("fork", command)
+
+    def drain(self, timeout: float) -> None:
+        """Wait until what is queued has been sent (used before a fallback transfer or hangup)."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+
+    def finish(self) -> None:
+        """We are letting go of the call: send what is queued, accept nothing new."""
+        self._closed = True
+        self._wake.set()
+
+    def close(self) -> None:
+        """The call is over: drop what is queued, send nothing more."""
+        self._closed = True
+        self._queue.clear()
+        self._wake.set()

@@ -1,0 +1,352 @@
+"""What the controller does with FreeSWITCH's events: take our calls, fork them, route DTMF, fall back.
+
+Every event handler here runs in the ESL handler greenlet and must not block: anything that waits on
+FreeSWITCH (fork start, fallback prompt, resync) runs in its own greenlet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+
+from bridge.engine import CallInfo
+from bridge.session import MediaOptions, MediaSession, SessionHooks
+from bridge.tokens import TokenBook
+from controller.actions import EslCallControl
+from controller.calls import Call, CallRegistry, CallState
+from controller.config import Config, Route
+from controller.dtmf import DtmfAction, DtmfHandler
+from controller.esl import EslClient, EslError, Event
+
+log = logging.getLogger("forkbridge.controller")
+
+BUGNAME = "forkbridge"
+EVENTS = ("CHANNEL_ANSWER", "CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "DTMF", "PLAYBACK_START",
+          "PLAYBACK_STOP", "BACKGROUND_JOB")
+CUSTOM = ("mod_audio_fork::connect", "mod_audio_fork::connect_failed", "mod_audio_fork::disconnect",
+          "mod_audio_fork::error", "mod_audio_fork::buffer_overrun",
+          "mod_audio_stream::connect", "mod_audio_stream::disconnect", "mod_audio_stream::error")
+PROMPT_WAIT = 15.0  # the longest we let a fallback prompt play before acting anyway
+
+
+class Controller:
+    def __init__(self, config: Config, esl: EslClient | None, tokens: TokenBook,
+                 on_call_end: Callable[[Call], None] | None = None,
+                 observe: Callable[[Call, str, dict[str, Any]], None] | None = None) -> None:
+        self.config = config
+        self.esl = esl  # set by the daemon once built (the client needs our on_event)
+        self.tokens = tokens
+        self.calls = CallRegistry()
+        self.draining = False
+        self.on_call_end = on_call_end or (lambda _call: None)
+        self.observe = observe or (lambda _call, _name, _detail: None)
+        self._prompt_done: dict[str, gevent.event.Event] = {}
+        self.fork_failures = 0
+
+    # ---- event dispatch -----------------------------------------------------------------------------
+
+    def on_event(self, event: Event) -> None:
+        if event.name == "CHANNEL_ANSWER":
+            self._on_answer(event)
+            return
+        call = self.calls.get(event.uuid)
+        if call is None:
+            return  # not ours: never act on another channel
+        if event.name in ("CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE"):
+            self._ended(call, event.get("Hangup-Cause", "NORMAL_CLEARING"))
+        elif event.name == "DTMF":
+            digit = event.get("DTMF-Digit")
+            if digit and call.live and call.dtmf_handler is not None:
+                call.dtmf.append(digit)
+                self._mark(call, "dtmf", digit=digit)
+                call.dtmf_handler.digit(digit)
+        elif event.name in ("PLAYBACK_START", "PLAYBACK_STOP"):
+            path = event.get("Playback-File-Path")
+            status = event.get("Playback-Status")
+            waiter = self._prompt_done.get(call.uuid)
+            if waiter is not None and event.name == "PLAYBACK_STOP" and path == call.route.fallback.prompt:
+                waiter.set()
+            if call.media is not None:
+                call.media.playback_event(event.name, path, status)
+        elif event.name == "CUSTOM":
+            self._on_module_event(call, event)
+
+    def _on_module_event(self, call: Call, event: Event) -> None:
+        kind = event.subclass.split("::", 1)[-1]
+        self._mark(call, f"fork_{kind}", body=event.body[:200])
+        if kind == "connect":
+            return
+        if kind in ("connect_failed", "error"):
+            self.fork_failures += 1
+            if call.live:
+                gevent.spawn(self._retry_fork, call)
+        elif kind == "disconnect" and call.live:
+            self.fallback(call, "fork_dropped")
+
+    # ---- answer → engine + fork -----------------------------------------------------------------------
+
+    def _owned_route(self, event: Event) -> Route | None:
+        marker = event.get(f"variable_{self.config.esl.marker_variable}")
+        if marker.lower() != "true":
+            return None
+        return self.config.route_for(event.get("Caller-Destination-Number"))
+
+    def _on_answer(self, event: Event) -> None:
+        if self.calls.get(event.uuid) is not None:
+            return
+        route = self._owned_route(event)
+        if route is None:
+            return
+        self.take(event.uuid, event.get("Caller-Destination-Number"), event.get("Caller-Caller-ID-Number"), route)
+
+    def take(self, uuid: str, did: str, caller_id: str, route: Route) -> Call:
+        engine_cfg = self.config.engines[route.engine]
+        call = Call(uuid=uuid, did=did, caller_id=caller_id, route=route, engine=engine_cfg)
+        self.calls.add(call)
+        assert self.esl is not None
+        call.control = EslCallControl(self.esl, uuid, on_sent=lambda kind, t: self._sent(call, kind, t))
+        self._mark(call, "answered", did=did, route=route.name)
+        log.info("call %s DID %s: ours, route %s, engine %s", uuid, did, route.name, engine_cfg.name)
+        if self.draining:
+            self.fallback(call, "shutting_down")
+            return call
+        info = CallInfo(uuid=uuid, did=did, caller_id=caller_id, sample_rate=route.sample_rate,
+                        instructions=route.instructions, voice=route.voice, greeting=route.greeting)
+        options = MediaOptions(engine_type=engine_cfg.type, engine_options=engine_cfg.options,
+                               playback=route.playback, spool_dir=self.config.bridge.spool_dir,
+                               greeting_file=route.greeting_file, no_audio_timeout=route.no_audio_timeout,
+                               tools_allow=route.tools.allow, transfer_targets=route.tools.transfer_targets)
+        hooks = SessionHooks(fail=lambda reason: self.fallback(call, reason),
+                             mark=lambda name, detail: self._mark(call, name, **detail))
+        call.media = MediaSession(info, options, call.control, hooks)
+        call.dtmf_handler = DtmfHandler(route.dtmf, lambda action: self._dtmf_action(call, action))
+        call.media.start()  # engine opens now, in parallel with the fork
+        gevent.spawn(self._start_fork, call)
+        gevent.spawn(self._limit_duration, call)
+        return call
+
+    def fork_command(self, call: Call) -> str:
+        route = call.route
+        token = self.tokens.mint(call.uuid)
+        url = f"{self.config.bridge_url}/calls/{call.uuid}?token={token}"
+        rate = "16k" if route.sample_rate == 16000 else "8k"
+        meta = json.dumps({"uuid": call.uuid, "did": _safe(call.did), "route": _safe(route.name)},
+                          separators=(",", ":"))
+        if route.module == "audio_stream":
+            return f"uuid_audio_stream {call.uuid} start {url} mono {rate} {meta}"
+        command = f"uuid_audio_fork {call.uuid} start {url} mono {rate} {BUGNAME} {meta}"
+        if route.playback == "stream":  # jambonz build: bidirectional, streamed at the call's rate
+            command += f" true true {route.sample_rate}"
+        return command
+
+    def _stop_fork_command(self, call: Call) -> str:
+        if call.route.module == "audio_stream":
+            return f"uuid_audio_stream {call.uuid} stop"
+        return f"uuid_audio_fork {call.uuid} stop {BUGNAME}"
+
+    def _start_fork(self, call: Call) -> None:
+        if not call.move(CallState.FORKING):
+            return
+        call.fork_attempts += 1
+        assert self.esl is not None
+        self._mark(call, "fork_start", attempt=call.fork_attempts)
+        try:
+            reply = self.esl.bgapi(self.fork_command(call))
+        except EslError as exc:
+            log.warning("call %s: fork start not confirmed: %s", call.uuid, exc)
+            return  # the no-audio watchdog or the resync after reconnect takes it from here
+        if not reply.startswith("+OK"):
+            log.warning("call %s: fork start refused: %s", call.uuid, reply.strip())
+            self.fork_failures += 1
+            self._retry_fork(call)
+
+    def _retry_fork(self, call: Call) -> None:
+        """connect_failed: the bug stays attached, so stop it first; one retry, then the fallback."""
+        if not call.live:
+            return
+        if call.fork_attempts >= 2:
+            self.fallback(call, "fork_failed")
+            return
+        assert self.esl is not None
+        with contextlib.suppress(EslError):
+            self.esl.api(self._stop_fork_command(call))
+        self._start_fork(call)
+
+    def refork(self, call: Call) -> None:
+        """After an ESL outage the fork may be gone: stop whatever is left and start a fresh one."""
+        call.fork_attempts = 0
+        self._retry_fork(call)
+
+    def fork_closed(self, uuid: str, why: str) -> None:
+        call = self.calls.get(uuid)
+        if call is not None and call.live:
+            self.fallback(call, "fork_dropped" if why != "oversized" else "fork_refused")
+
+    def _limit_duration(self, call: Call) -> None:
+        gevent.sleep(call.route.max_duration)
+        if call.live:
+            self.fallback(call, "max_duration")
+
+    # ---- DTMF -----------------------------------------------------------------------------------------
+
+    def _dtmf_action(self, call: Call, action: DtmfAction) -> None:
+        if action.kind == "text" and call.media is not None:
+            self._mark(call, "dtmf_to_engine", text=action.value)
+            gevent.spawn(call.media.send_text, action.value)
+        elif action.kind == "transfer":
+            destination = call.route.tools.transfer_targets.get(action.value, action.value)
+            if self._let_go(call, "transferred", "dtmf_transfer"):
+                call.control.transfer(destination)
+                gevent.spawn(self._release_after_transfer, call)
+        elif action.kind == "hangup":
+            self._let_go(call, "completed", "dtmf_hangup")
+            call.control.hangup("NORMAL_CLEARING")
+            call.control.finish()
+
+    # ---- endings --------------------------------------------------------------------------------------
+
+    def _let_go(self, call: Call, outcome: str, reason: str) -> bool:
+        if not call.move(CallState.ENDING):
+            return False
+        call.outcome, call.end_reason = outcome, reason
+        self._mark(call, "ending", outcome=outcome, reason=reason)
+        if call.dtmf_handler is not None:
+            call.dtmf_handler.close()
+        if call.media is not None:
+            call.media.close(reason)
+        return True
+
+    def fallback(self, call: Call, reason: str) -> None:
+        """Engine/fork/timeout/shutdown trouble: the route's prompt, then transfer or hangup. Never silence."""
+        fallback = call.route.fallback
+        outcome = "fallback_transfer" if fallback.transfer else "fallback_hangup"
+        if not self._let_go(call, outcome, reason):
+            return
+        log.warning("call %s DID %s: fallback (%s) → %s", call.uuid, call.did, reason, fallback.describe())
+        gevent.spawn(self._run_fallback, call)
+
+    def _run_fallback(self, call: Call) -> None:
+        fallback = call.route.fallback
+        control: EslCallControl = call.control
+        control.break_all()
+        control.fork_command(self._stop_fork_command(call))
+        if fallback.prompt:
+            done = self._prompt_done.setdefault(call.uuid, gevent.event.Event())
+            control.play(fallback.prompt)
+            done.wait(PROMPT_WAIT)
+            self._prompt_done.pop(call.uuid, None)
+        if call.state == CallState.ENDED:
+            return
+        if fallback.transfer:
+            control.transfer(fallback.transfer)
+        else:
+            control.hangup(fallback.hangup_cause)
+        self._mark(call, "fallback_done", action=fallback.action)
+        if fallback.transfer:
+            self._release_after_transfer(call)
+        else:
+            control.finish()
+
+    def _release_after_transfer(self, call: Call) -> None:
+        """Once the transfer is sent the channel is no longer ours: nothing more goes out for it."""
+        control: EslCallControl = call.control
+        control.finish()
+        control.drain(self.config.esl.command_timeout + 1)
+        self._ended(call, "TRANSFERRED")
+
+    def _ended(self, call: Call, cause: str) -> None:
+        """The channel is gone (or no longer ours): release everything, record the call."""
+        if call.state == CallState.ENDED:
+            return
+        if call.live:
+            call.outcome, call.end_reason = "completed", cause
+            if call.media is not None:
+                call.media.close("hangup")
+            if call.dtmf_handler is not None:
+                call.dtmf_handler.close()
+        call.state = CallState.ENDED
+        call.ended_at = time.monotonic()
+        self._mark(call, "hangup", cause=cause)
+        waiter = self._prompt_done.pop(call.uuid, None)
+        if waiter is not None:
+            waiter.set()
+        if call.media is not None:
+            call.media.close("hangup")
+        if call.control is not None:
+            call.control.close()
+        self.calls.remove(call.uuid)
+        log.info("call %s DID %s: ended (%s), outcome %s", call.uuid, call.did, cause, call.outcome)
+        self.on_call_end(call)
+
+    # ---- after (re)connecting ---------------------------------------------------------------------------
+
+    def resync(self) -> None:
+        """Find live calls we own; clean up those that ended while we were away; re-fork or pick up."""
+        assert self.esl is not None
+        try:
+            rows = json.loads(self.esl.api("show channels as json") or "{}").get("rows") or []
+        except (EslError, ValueError) as exc:
+            log.warning("resync failed: %s", exc)
+            return
+        live = {row.get("uuid", ""): row for row in rows if isinstance(row, dict)}
+        for call in self.calls:
+            if call.uuid not in live:
+                self._ended(call, "GONE_DURING_OUTAGE")
+            elif call.live and (call.media is None or call.media.ws is None or call.state != CallState.BRIDGED):
+                gevent.spawn(self.refork, call)
+        for uuid, row in live.items():
+            if self.calls.get(uuid) is not None or row.get("callstate") != "ACTIVE":
+                continue
+            route = self.config.route_for(row.get("dest", ""))
+            if route is None:
+                continue
+            try:
+                marker = self.esl.api(f"uuid_getvar {uuid} {self.config.esl.marker_variable}")
+            except EslError:
+                continue
+            if marker.strip().lower() == "true":
+                log.info("call %s answered while ESL was down: picking it up", uuid)
+                self.take(uuid, row.get("dest", ""), row.get("cid_num", ""), route)
+
+    # ---- shutdown -----------------------------------------------------------------------------------------
+
+    def drain(self, grace: float) -> None:
+        """Stop taking calls; let live ones finish for `grace`; fall back the rest; wait for them to go."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while len(self.calls) and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        for call in self.calls:
+            if call.live:
+                self.fallback(call, "shutting_down")
+        deadline = time.monotonic() + PROMPT_WAIT + 5
+        while any(c.state != CallState.ENDED and c.control is not None and c.control._queue for c in self.calls) \
+                and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------------
+
+    def _mark(self, call: Call, name: str, **detail: Any) -> None:
+        call.mark(name, **detail)
+        self.observe(call, name, detail)
+        if name == "fork_connected" and call.move(CallState.BRIDGED):
+            call.mark("bridged")
+        elif name == "model_transfer" and self._let_go(call, "transferred", "model_transfer"):
+            gevent.spawn_later(0, self._release_after_transfer, call)
+        elif name == "model_hangup":
+            self._let_go(call, "completed", "model_hangup")
+
+    def _sent(self, call: Call, kind: str, when: float) -> None:
+        self.observe(call, f"sent_{kind}", {"at": when})
+
+
+def _safe(text: str) -> str:
+    """Metadata travels space-split through FreeSWITCH: keep it to characters that survive."""
+    return "".join(ch for ch in text if ch.isalnum() or ch in "+-_.@")[:64]

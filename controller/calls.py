@@ -1,0 +1,92 @@
+"""The calls we own: an explicit lifecycle and the per-call context, keyed by channel uuid."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.config import EngineConfig, Route
+
+
+class CallState(enum.Enum):
+    ANSWERED = "answered"  # ours, engine opening
+    FORKING = "forking"  # uuid_audio_fork sent, waiting for the socket
+    BRIDGED = "bridged"  # caller audio flowing through the bridge
+    ENDING = "ending"  # fallback or hangup under way; no new work
+    ENDED = "ended"
+
+
+_NEXT = {
+    CallState.ANSWERED: {CallState.FORKING, CallState.ENDING, CallState.ENDED},
+    CallState.FORKING: {CallState.BRIDGED, CallState.FORKING, CallState.ENDING, CallState.ENDED},
+    CallState.BRIDGED: {CallState.FORKING, CallState.ENDING, CallState.ENDED},
+    CallState.ENDING: {CallState.ENDED},
+    CallState.ENDED: set(),
+}
+
+
+@dataclass
+class Call:
+    uuid: str
+    did: str
+    caller_id: str
+    route: Route
+    engine: EngineConfig
+    state: CallState = CallState.ANSWERED
+    answered_at: float = field(default_factory=time.monotonic)
+    answered_wall: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    outcome: str = ""  # completed | fallback_transfer | fallback_hangup | transferred | error
+    end_reason: str = ""
+    fork_attempts: int = 0
+    timeline: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+    dtmf: list[str] = field(default_factory=list)
+    media: Any = None  # bridge.session.MediaSession
+    control: Any = None  # controller.actions.EslCallControl
+    dtmf_handler: Any = None
+
+    def move(self, state: CallState) -> bool:
+        """Change state if the lifecycle allows it; False means the call is already past that point."""
+        if state not in _NEXT[self.state]:
+            return False
+        self.state = state
+        return True
+
+    def mark(self, name: str, **detail: Any) -> None:
+        self.timeline.append((round(time.monotonic() - self.answered_at, 4), name, detail))
+
+    def first(self, name: str) -> float | None:
+        return next((t for t, n, _ in self.timeline if n == name), None)
+
+    @property
+    def live(self) -> bool:
+        return self.state not in (CallState.ENDING, CallState.ENDED)
+
+
+class CallRegistry:
+    def __init__(self) -> None:
+        self._calls: dict[str, Call] = {}
+
+    def add(self, call: Call) -> None:
+        self._calls[call.uuid] = call
+
+    def get(self, uuid: str) -> Call | None:
+        return self._calls.get(uuid)
+
+    def remove(self, uuid: str) -> Call | None:
+        return self._calls.pop(uuid, None)
+
+    def __iter__(self) -> Iterator[Call]:
+        return iter(list(self._calls.values()))
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def count_by_route(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for call in self._calls.values():
+            counts[call.route.name] = counts.get(call.route.name, 0) + 1
+        return counts

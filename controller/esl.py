@@ -1,0 +1,317 @@
+"""The ESL connection: greenswitch, with its known defects handled, under a reconnecting supervisor.
+
+greenswitch 0.0.19 (see the ESL reference, §7) parses event bodies wrongly, spins forever when the socket
+closes inside a body, leaves a pending `send()` blocked forever after EOF, fires no DISCONNECT on EOF, and
+cannot be reused after a drop. `EslConnection` fixes the first four; `EslClient` owns reconnection with
+capped exponential backoff and jitter, a timeout on every command, and builds a new connection each time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import gevent
+import gevent.event
+import gevent.lock
+from greenswitch.esl import ESLEvent, InboundESL, NotConnectedError
+
+log = logging.getLogger("forkbridge.esl")
+
+
+class EslError(Exception):
+    """A command could not be completed: not connected, timed out, or the connection dropped."""
+
+
+@dataclass
+class Event:
+    """One FreeSWITCH event: URL-decoded headers and the raw body (JSON for mod_audio_fork, results for bgapi)."""
+
+    name: str
+    headers: dict[str, str]
+    body: str = ""
+    subclass: str = ""
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.headers.get(key, default)
+
+    @property
+    def uuid(self) -> str:
+        return self.headers.get("Unique-ID", "")
+
+
+def parse_plain_event(text: str) -> Event:
+    """Split a text/event-plain body as libesl does: decode header values only, keep the body raw."""
+    head, sep, rest = text.partition("\n\n")
+    headers: dict[str, str] = {}
+    for line in head.split("\n"):
+        name, colon, value = line.partition(": ")
+        if colon:
+            headers.setdefault(name, unquote(value))
+    body = ""
+    if sep and "Content-Length" in headers:
+        body = rest[: int(headers["Content-Length"])] if headers["Content-Length"].isdigit() else rest
+    name = headers.get("Event-Name", "")
+    return Event(name=name, headers=headers, body=body, subclass=headers.get("Event-Subclass", ""))
+
+
+class EslConnection(InboundESL):
+    """One connection's life. `lost` is set exactly once, however the connection ends."""
+
+    def __init__(self, host: str, port: int, password: str, timeout: float = 5.0) -> None:
+        super().__init__(host, port, password, timeout=timeout)
+        self.lost = gevent.event.Event()
+        self.lost_reason = ""
+        self._send_lock = gevent.lock.Semaphore()
+
+    def _read_exact(self, length: int) -> str:
+        """Read a body; a short read means the peer is gone (greenswitch would spin here forever)."""
+        chunks: list[bytes] = []
+        remaining = length
+        while remaining > 0:
+            data = self.sock_file.read(remaining)
+            if not data:
+                raise EOFError(f"connection closed with {remaining} of {length} body bytes unread")
+            chunks.append(data)
+            remaining -= len(data)
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+    def handle_event(self, event: ESLEvent) -> None:
+        ctype = event.headers.get("Content-Type", "")
+        length = event.headers.get("Content-Length")
+        try:
+            if ctype.startswith("text/event-plain"):
+                parsed = parse_plain_event(self._read_exact(int(length or 0)))
+                event.headers = dict(parsed.headers)
+                event.parsed = parsed  # type: ignore[attr-defined]
+                self._esl_event_queue.put(event)
+            elif ctype == "api/response":
+                event.data = self._read_exact(int(length or 0))
+                self._commands_sent.pop(0).set(event)
+            elif ctype == "text/disconnect-notice":
+                if length:
+                    event.data = self._read_exact(int(length))
+                self._mark_lost("disconnect notice")
+                super().handle_event(event)
+            elif ctype in ("text/event-json", "text/event-xml", "log/data"):
+                self._read_exact(int(length or 0))  # not subscribed; skip cleanly
+            else:
+                super().handle_event(event)
+        except (EOFError, OSError, ValueError) as exc:
+            self._mark_lost(f"broken frame: {exc}")
+
+    def receive_events(self) -> None:
+        try:
+            super().receive_events()
+        finally:
+            self._mark_lost("connection closed")
+
+    def _mark_lost(self, reason: str) -> None:
+        """Stop reading, fail every waiting command, tell the supervisor (greenswitch does none of this on EOF)."""
+        if self.lost.is_set():
+            return
+        self.lost_reason = reason
+        self._run = False
+        self.connected = False
+        pending, self._commands_sent = self._commands_sent, []
+        for result in pending:
+            result.set_exception(NotConnectedError(reason))
+        self.lost.set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(self, data: str):
+        """sendall instead of send: a long command must not be cut."""
+        if not self.connected:
+            raise NotConnectedError("not connected")
+        result = gevent.event.AsyncResult()
+        with self._send_lock:
+            self._commands_sent.append(result)
+            self.sock.sendall((data + "\n\n").encode("utf-8"))
+        return result.get()
+
+    def close(self) -> None:
+        self._mark_lost("closed by us")
+        for greenlet in (self._receive_events_greenlet, self._process_events_greenlet):
+            if greenlet is not None:
+                greenlet.kill(block=False)
+
+
+@dataclass
+class EslSettings:
+    host: str
+    port: int
+    password: str
+    command_timeout: float = 5.0
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    events: tuple[str, ...] = ()
+    custom: tuple[str, ...] = ()
+
+
+class EslClient:
+    """Keeps one authenticated, subscribed connection alive; every command has a timeout.
+
+    `on_event(Event)` runs in greenswitch's handler greenlet, one event at a time in arrival order: it must
+    not block. `on_connected()` runs in its own greenlet after each (re)connect, for the resync.
+    """
+
+    def __init__(self, settings: EslSettings, on_event: Callable[[Event], None],
+                 on_connected: Callable[[bool], None] | None = None,
+                 on_state: Callable[[bool], None] | None = None) -> None:
+        self.settings = settings
+        self.on_event = on_event
+        self.on_connected = on_connected
+        self.on_state = on_state
+        self.reconnects = 0
+        self._conn: EslConnection | None = None
+        self._jobs: dict[str, gevent.event.AsyncResult] = {}
+        self._stopping = False
+        self._runner: gevent.Greenlet | None = None
+        self._ready = gevent.event.Event()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._ready.is_set() and not self._conn.lost.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def start(self) -> None:
+        self._runner = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        self._stopping = True
+        conn = self._conn
+        if conn is not None and conn.connected:
+            try:
+                with gevent.Timeout(1.0):
+                    conn.send("exit")
+            except (gevent.Timeout, NotConnectedError, OSError):
+                pass
+        if conn is not None:
+            conn.close()
+        if self._runner is not None:
+            self._runner.kill(block=True, timeout=2)
+
+    # ---- connection supervision -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        first = True
+        while not self._stopping:
+            conn = EslConnection(self.settings.host, self.settings.port, self.settings.password,
+                                 timeout=self.settings.command_timeout)
+            try:
+                with gevent.Timeout(self.settings.command_timeout * 2, EslError("connect/auth timed out")):
+                    conn.connect()
+                    self._subscribe(conn)
+            except (Exception, gevent.Timeout) as exc:
+                conn.close()
+                attempt += 1
+                delay = self._backoff(attempt)
+                log.warning("ESL %s:%s not available (%s); retrying in %.1fs", self.settings.host,
+                            self.settings.port, _describe(exc), delay)
+                gevent.sleep(delay)
+                continue
+            attempt = 0
+            self._conn = conn
+            self._ready.set()
+            if not first:
+                self.reconnects += 1
+            log.info("ESL connected to %s:%s%s", self.settings.host, self.settings.port,
+                     "" if first else " (reconnected)")
+            self._notify_state(True)
+            if self.on_connected is not None:
+                gevent.spawn(self.on_connected, not first)
+            first = False
+            conn.lost.wait()
+            self._ready.clear()
+            self._fail_jobs(conn.lost_reason)
+            if self._stopping:
+                break
+            log.warning("ESL connection lost (%s); reconnecting", conn.lost_reason)
+            self._notify_state(False)
+            conn.close()
+            gevent.sleep(self._backoff(1))
+        self._notify_state(False)
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self.settings.reconnect_max, self.settings.reconnect_min * (2 ** (attempt - 1)))
+        return base * random.uniform(0.5, 1.0)
+
+    def _notify_state(self, up: bool) -> None:
+        if self.on_state is not None:
+            self.on_state(up)
+
+    def _subscribe(self, conn: EslConnection) -> None:
+        conn.register_handle("*", self._dispatch)
+        words = " ".join(self.settings.events)
+        if self.settings.custom:
+            words += " CUSTOM " + " ".join(self.settings.custom)
+        reply = conn.send(f"event plain {words}")
+        if not reply.data.startswith("+OK"):
+            raise EslError(f"subscription refused: {reply.data}")
+
+    def _fail_jobs(self, reason: str) -> None:
+        jobs, self._jobs = self._jobs, {}
+        for result in jobs.values():
+            result.set_exception(EslError(f"connection lost: {reason}"))
+
+    def _dispatch(self, raw: ESLEvent) -> None:
+        event = getattr(raw, "parsed", None)
+        if event is None:
+            return  # disconnect notice: the supervisor handles it through `lost`
+        if event.name == "BACKGROUND_JOB":
+            job = self._jobs.pop(event.get("Job-UUID"), None)
+            if job is not None:
+                job.set(event.body)
+                return
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("error handling %s for %s", event.name, event.uuid)
+
+    # ---- commands ---------------------------------------------------------------------------------
+
+    def _command(self, text: str, timeout: float | None = None):
+        conn = self._conn
+        if conn is None or not self.connected:
+            raise EslError("ESL not connected")
+        timeout = timeout or self.settings.command_timeout
+        try:
+            with gevent.Timeout(timeout):
+                return conn.send(text)
+        except gevent.Timeout:
+            # A reply that never comes means a dead connection: replies are FIFO, so we cannot go on with it.
+            conn._mark_lost(f"no reply to a command within {timeout:.1f}s")
+            raise EslError(f"timed out after {timeout:.1f}s") from None
+        except (NotConnectedError, OSError) as exc:
+            raise EslError(f"connection lost: {_describe(exc)}") from None
+
+    def api(self, command: str, timeout: float | None = None) -> str:
+        """`api <command>`: the body FreeSWITCH answered (e.g. '+OK\\n' or '-ERR No such channel!\\n')."""
+        return self._command(f"api {command}", timeout).data or ""
+
+    def bgapi(self, command: str, timeout: float | None = None) -> str:
+        """`bgapi <command>` and wait for its BACKGROUND_JOB result (the module's real verdict comes later)."""
+        job_id = str(uuidlib.uuid4())
+        result = gevent.event.AsyncResult()
+        self._jobs[job_id] = result
+        try:
+            self._command(f"bgapi {command}\nJob-UUID: {job_id}", timeout)
+            return result.get(timeout=timeout or self.settings.command_timeout)
+        except gevent.Timeout:
+            raise EslError("no BACKGROUND_JOB result in time") from None
+        finally:
+            self._jobs.pop(job_id, None)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+

@@ -49,6 +49,7 @@ class Controller:
         self.observe = observe or (lambda _call, _name, _detail: None)
         self._prompt_done: dict[str, gevent.event.Event] = {}
         self.fork_failures = 0
+        self.bridge_url = config.bridge_url  # the daemon corrects it once the server knows its port
 
     # ---- event dispatch -----------------------------------------------------------------------------
 
@@ -135,7 +136,7 @@ class Controller:
     def fork_command(self, call: Call) -> str:
         route = call.route
         token = self.tokens.mint(call.uuid)
-        url = f"{self.config.bridge_url}/calls/{call.uuid}?token={token}"
+        url = f"{self.bridge_url}/calls/{call.uuid}?token={token}"
         rate = "16k" if route.sample_rate == 16000 else "8k"
         meta = json.dumps({"uuid": call.uuid, "did": _safe(call.did), "route": _safe(route.name)},
                           separators=(",", ":"))

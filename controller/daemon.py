@@ -69,6 +69,8 @@ class Daemon:
     def start(self) -> None:
         os.makedirs(self.config.bridge.spool_dir, exist_ok=True)
         self.bridge.start()
+        bridge = self.config.bridge
+        self.controller.bridge_url = bridge.url or f"ws://{bridge.listen_host}:{self.bridge.port}"
         self.esl.start()
         log.info("forkbridge listening for FreeSWITCH on %s:%s, ESL %s:%s, %d route(s)",
                  self.config.bridge.listen_host, self.bridge.port, self.config.esl.host, self.config.esl.port,

@@ -189,6 +189,12 @@ def test_same_format_is_passthrough_without_resampler() -> None:
     assert g711.resampler is None and g711.convert(b"\x01\x02\x03") == b"\x01\x02\x03"
 
 
+def test_g711_transcoding_without_resampler() -> None:
+    conv = Converter(AudioFormat(PCMU, 8000), AudioFormat(PCMA, 8000))
+    assert conv.resampler is None and not conv.passthrough
+    assert conv.convert(ALL_CODES) == audioop.lin2alaw(audioop.ulaw2lin(ALL_CODES, 2), 2)
+
+
 def test_16k_call_to_pcmu_engine_resamples_then_encodes() -> None:
     conv = Converter.to_engine(16000, AudioFormat(PCMU, 8000))
     assert conv.resampler is not None and (conv.resampler.in_rate, conv.resampler.out_rate) == (16000, 8000)

@@ -364,6 +364,18 @@ def test_close_during_a_reply_cancels_it_then_closes(make_engine) -> None:  # ty
     assert sink.kinds().count("AudioOut") == 1
 
 
+def test_a_failing_sink_does_not_stop_delivery(make_engine) -> None:  # type: ignore[no-untyped-def]
+    engine, sink = make_engine()
+
+    def explode(event: EngineEvent) -> None:
+        if isinstance(event, AudioOut):
+            raise RuntimeError("bridge bug")
+
+    sink.on_event = explode
+    feed(engine, tone(440, 0.3) + silence(0.8))
+    assert [d.status for d in sink.wait_done()] == ["completed"]
+
+
 def test_close_before_connect_still_reports_closed(make_engine) -> None:  # type: ignore[no-untyped-def]
     engine, sink = make_engine(connect=False)
     engine.close()

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import socket
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qs
@@ -157,8 +158,9 @@ class FakeConn:
         with self._lock:
             if not self.closed:
                 self.closed = True
+                # geventwebsocket's close() drops the status code; send the frame ourselves
                 with contextlib.suppress(Exception):
-                    self.ws.close(code, reason.encode())
+                    self.ws.send_frame(struct.pack("!H", code) + reason.encode()[:120], self.ws.OPCODE_CLOSE)
         self._shutdown()
 
     def drop(self) -> None:

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= conf/forkbridge.yaml
 
-.PHONY: test lint run sysdeps
+.PHONY: test lint run sysdeps demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,3 +22,7 @@ test: $(STAMP) sysdeps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# The daemon in the foreground with a config of yours: make run CONFIG=/etc/forkbridge/forkbridge.yaml
+run: $(STAMP)
+	$(VENV)/bin/forkbridge run --config $(CONFIG)

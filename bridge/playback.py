@@ -50,8 +50,10 @@ class Player:
     """Common bookkeeping: audio per response received, and callbacks for metrics/timeline."""
 
     def __init__(self, rate: int, on_first_heard: Callable[[str], None] | None = None,
-                 on_underrun: Callable[[], None] | None = None) -> None:
+                 on_underrun: Callable[[], None] | None = None,
+                 on_chunk: Callable[[float], None] | None = None) -> None:
         self.rate = rate
+        self.on_chunk = on_chunk or (lambda _ms: None)
         self.bytes_per_ms = rate * 2 / 1000.0
         self.on_first_heard = on_first_heard or (lambda _rid: None)
         self.on_underrun = on_underrun or (lambda: None)
@@ -137,6 +139,7 @@ class BroadcastPlayer(Player):
         self._next_chunk_ms = min(MAX_CHUNK_MS, self._next_chunk_ms * 2)
         self.chunks_queued += 1
         self.control.play(path)
+        self.on_chunk(chunk.duration_ms)
 
     # ---- what FreeSWITCH reports ----
     def owns(self, path: str) -> bool:

@@ -102,7 +102,8 @@ class MediaSession:
         if self.options.playback == "broadcast":
             self.player = BroadcastPlayer(self.control, self.options.spool_dir, self.info.uuid,
                                           self.info.sample_rate, on_first_heard=self._first_heard,
-                                          on_underrun=self._underrun)
+                                          on_underrun=self._underrun,
+                                          on_chunk=lambda ms: self.hooks.mark("chunk_queued", {"ms": round(ms)}))
 
     def _connect_engine(self) -> None:
         try:
@@ -267,8 +268,8 @@ class MediaSession:
         elif isinstance(event, Interrupted):
             self.barge_in(tell_engine=False)
         elif isinstance(event, ResponseDone):
-            if self.player is not None and event.response_id not in self._dropped:
-                self.player.response_done(event.response_id)
+            if event.response_id not in self._dropped:
+                self._finish_response(event.response_id)
         elif isinstance(event, Transcript):
             if event.final:
                 self.transcripts.append((event.role, event.text))
@@ -294,6 +295,15 @@ class MediaSession:
         if event.response_id not in self.player.received_ms:
             self.hooks.mark("engine_first_audio", {"response": event.response_id})
         self.player.feed(pcm, event.response_id)
+
+    def _finish_response(self, response_id: str) -> None:
+        """The resampler holds back a few ms: they belong to this reply, not to the start of the next."""
+        if self._out is not None:
+            tail = self._out.flush()
+            if tail and self.player is not None:
+                self.player.feed(tail, response_id)
+        if self.player is not None:
+            self.player.response_done(response_id)
 
     def barge_in(self, tell_engine: bool = True) -> None:
         """Stop what the caller hears now; tell the engine how much they heard; drop the rest of that reply."""

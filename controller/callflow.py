@@ -50,6 +50,7 @@ class Controller:
         self._prompt_done: dict[str, gevent.event.Event] = {}
         self.fork_failures = 0
         self.bridge_url = config.bridge_url  # the daemon corrects it once the server knows its port
+        self.stats: Any = None  # audio counters handed to each media session
 
     # ---- event dispatch -----------------------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class Controller:
                                tools_allow=route.tools.allow, transfer_targets=route.tools.transfer_targets)
         hooks = SessionHooks(fail=lambda reason: self.fallback(call, reason),
                              mark=lambda name, detail: self._mark(call, name, **detail))
-        call.media = MediaSession(info, options, call.control, hooks)
+        call.media = MediaSession(info, options, call.control, hooks, stats=self.stats)
         call.dtmf_handler = DtmfHandler(route.dtmf, lambda action: self._dtmf_action(call, action))
         call.media.start()  # engine opens now, in parallel with the fork
         gevent.spawn(self._start_fork, call)

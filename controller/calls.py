@@ -61,6 +61,10 @@ class Call:
     def first(self, name: str) -> float | None:
         return next((t for t, n, _ in self.timeline if n == name), None)
 
+    def first_named(self, name: str, response: str) -> float | None:
+        """When `name` was first marked for one engine response."""
+        return next((t for t, n, d in self.timeline if n == name and d.get("response") == response), None)
+
     @property
     def live(self) -> bool:
         return self.state not in (CallState.ENDING, CallState.ENDED)

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import gevent
@@ -22,6 +23,8 @@ from controller.callflow import CUSTOM, EVENTS, Controller
 from controller.calls import Call
 from controller.config import Config, ConfigError, load_config
 from controller.esl import EslClient, EslSettings
+from controller.httpapi import HttpApi
+from controller.metrics import OUTCOMES, Metrics
 
 log = logging.getLogger("forkbridge")
 
@@ -29,6 +32,8 @@ log = logging.getLogger("forkbridge")
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.metrics = Metrics()
+        self.metrics.declare_routes((r.name, r.engine) for r in config.routes)
         self.tokens = TokenBook(config.bridge.token_secret, config.bridge.token_ttl)
         self.ended_calls: list[Call] = []
         self.controller = Controller(config, None, self.tokens, on_call_end=self._call_ended,
@@ -40,22 +45,53 @@ class Daemon:
             on_event=self.controller.on_event, on_connected=lambda _again: self.controller.resync(),
             on_state=self._esl_state)
         self.controller.esl = self.esl
+        self.controller.stats = AudioCounters(self.metrics)
         self.bridge = BridgeServer(config.bridge.listen_host, config.bridge.listen_port, self.tokens,
                                    lookup=self._media_for, max_frame_bytes=config.bridge.max_frame_bytes,
-                                   on_fork_closed=self.controller.fork_closed)
+                                   on_fork_closed=self.controller.fork_closed,
+                                   on_refused=self.metrics.ws_refused)
+        self.http = HttpApi(config.metrics.listen_host, config.metrics.listen_port, self.metrics, self.ready)
         self.stopped = gevent.event.Event()
+        self._reconnects_seen = 0
 
     def _media_for(self, uuid: str) -> Any:
         call = self.controller.calls.get(uuid)
         return call.media if call is not None and call.live else None
 
     def _esl_state(self, up: bool) -> None:
-        log.info("ESL %s", "up" if up else "down")
+        self.metrics.esl_up(up)
+        if up and self.esl.reconnects > self._reconnects_seen:
+            self._reconnects_seen = self.esl.reconnects
+            self.metrics.esl_reconnected()
 
     def _observe(self, call: Call, name: str, detail: dict[str, Any]) -> None:
-        pass
+        """Call milestones → metrics (the call's own timeline keeps the details)."""
+        m, route = self.metrics, call.route.name
+        if name == "answered":
+            m.call_started(route)
+        elif name == "dtmf":
+            m.dtmf(route)
+        elif name in ("fork_connect_failed", "fork_error"):
+            m.fork_connect_failed(route)
+        elif name == "engine_error":
+            m.engine_error(call.engine.name, detail.get("code"))
+        elif name == "barge_in":
+            m.bargein(route, detail.get("stop_ms", 0.0) / 1000.0)
+        elif name == "caller_heard":
+            if "since_speech_stopped_ms" in detail:
+                m.first_audio(route, detail["since_speech_stopped_ms"] / 1000.0)
+            started = call.first_named("engine_first_audio", detail.get("response", ""))
+            if started is not None:
+                m.playout(route, time.monotonic() - call.answered_at - started)
+        elif name == "chunk_queued":
+            m.playback_chunk(route)
+        elif name == "playback_underrun":
+            m.playback_underrun(route)
 
     def _call_ended(self, call: Call) -> None:
+        outcome = call.outcome if call.outcome in OUTCOMES else "completed"
+        duration = (call.ended_at or time.monotonic()) - call.answered_at
+        self.metrics.call_finished(call.route.name, call.engine.name, outcome, duration)
         self.ended_calls.append(call)
         del self.ended_calls[:-100]
 
@@ -72,6 +108,7 @@ class Daemon:
         bridge = self.config.bridge
         self.controller.bridge_url = bridge.url or f"ws://{bridge.listen_host}:{self.bridge.port}"
         self.esl.start()
+        self.http.start()
         log.info("forkbridge listening for FreeSWITCH on %s:%s, ESL %s:%s, %d route(s)",
                  self.config.bridge.listen_host, self.bridge.port, self.config.esl.host, self.config.esl.port,
                  len(self.config.routes))
@@ -81,7 +118,10 @@ class Daemon:
             new = load_config(path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)
+            self.metrics.config_reloaded(False)
             return False
+        self.metrics.config_reloaded(True)
+        self.metrics.declare_routes((r.name, r.engine) for r in new.routes)
         self.config = new
         self.controller.config = new  # live calls hold their own Route; new calls see the new routes
         log.info("reloaded %s: %d route(s)", path, len(new.routes))
@@ -93,7 +133,21 @@ class Daemon:
         self.controller.drain(grace)
         self.esl.stop()
         self.bridge.stop()
+        self.http.stop()
         self.stopped.set()
+
+
+class AudioCounters:
+    """What a media session counts per frame, without knowing about Prometheus."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def audio_in(self, nbytes: int) -> None:
+        self.metrics.audio("in", nbytes)
+
+    def audio_out(self, nbytes: int) -> None:
+        self.metrics.audio("out", nbytes)
 
 
 def run_daemon(path: str) -> int:

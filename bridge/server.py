@@ -93,6 +93,7 @@ class BridgeServer:
         if session is None:  # the call ended between the check and the upgrade
             return []
         why = session.attach(ws, self.max_frame_bytes)
+        log.debug("fork socket for %s ended: %s", uuid, why)
         if why == "oversized":
             self.refusals["oversized_frame"] = self.refusals.get("oversized_frame", 0) + 1
             self.on_refused("oversized_frame")

@@ -1,8 +1,13 @@
-"""Call control over ESL for one call we own: the only place that writes uuid_* commands for it.
+"""Call control over ESL for one call we own: the only place that writes commands for it.
 
-Commands for one call go out in order through one worker (chunks must be broadcast in the order they were
+Commands for one call go out in order through one worker (chunks must be queued in the order they were
 written), except `break_all`, which jumps the queue and drops queued plays: a barge-in must not wait.
 Once the call has ended nothing more is sent for its uuid.
+
+Files are queued with `sendmsg ... execute playback`, the mechanism under `uuid_broadcast` minus its five
+lead frames: uuid_broadcast makes the park loop read ~100 ms of audio before each file starts, so chunks
+queued back to back with it would leave ~100 ms of silence between them. `uuid_break <uuid> all` flushes
+both kinds of queued execute.
 """
 
 from __future__ import annotations
@@ -48,18 +53,18 @@ class EslCallControl:
                 continue
             kind, command = self._queue.popleft()
             try:
-                reply = self.esl.api(command)
+                reply = self.esl.execute(self.uuid, "playback", command) if kind == "play" else self.esl.api(command)
             except EslError as exc:
                 log.warning("call %s: %s not sent: %s", self.uuid, kind, exc)
                 continue
-            self.sent.append(command)
+            self.sent.append(f"{kind} {command}")
             self.on_sent(kind, time.monotonic())
             if not reply.startswith("+OK") and reply.strip() not in ("true", "false"):
                 log.info("call %s: %s → %s", self.uuid, kind, reply.strip())
 
     # ---- the CallControl interface ----
     def play(self, path: str) -> None:
-        self._put("play", f"uuid_broadcast {self.uuid} {path} aleg")
+        self._put("play", path)
 
     def break_all(self) -> None:
         remaining = deque(item for item in self._queue if item[0] != "play")

@@ -298,6 +298,11 @@ class EslClient:
         """`api <command>`: the body FreeSWITCH answered (e.g. '+OK\\n' or '-ERR No such channel!\\n')."""
         return self._command(f"api {command}", timeout).data or ""
 
+    def execute(self, uuid: str, app: str, arg: str, timeout: float | None = None) -> str:
+        """Queue an application on a channel with `sendmsg` (no lead frames, unlike uuid_broadcast's five)."""
+        command = f"sendmsg {uuid}\ncall-command: execute\nexecute-app-name: {app}\nexecute-app-arg: {arg}"
+        return self._command(command, timeout).data or ""
+
     def bgapi(self, command: str, timeout: float | None = None) -> str:
         """`bgapi <command>` and wait for its BACKGROUND_JOB result (the module's real verdict comes later)."""
         job_id = str(uuidlib.uuid4())

@@ -3,7 +3,7 @@
 # Tests that need a tool skip (with the reason) when it is absent, so this is best effort.
 set -u
 missing=""
-command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || missing="$missing prometheus"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null 2>&1; then

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.callrecords import CallRecord
 from controller.config import EngineConfig, Route
 
 
@@ -42,11 +43,20 @@ class Call:
     outcome: str = ""  # completed | fallback_transfer | fallback_hangup | transferred | error
     end_reason: str = ""
     fork_attempts: int = 0
-    timeline: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+    record: CallRecord = field(init=False)
     dtmf: list[str] = field(default_factory=list)
     media: Any = None  # bridge.session.MediaSession
     control: Any = None  # controller.actions.EslCallControl
     dtmf_handler: Any = None
+
+    def __post_init__(self) -> None:
+        self.record = CallRecord(uuid=self.uuid, did=self.did, caller_id=self.caller_id, route=self.route.name,
+                                 engine=self.engine.name)
+        self.record.answered()
+
+    @property
+    def timeline(self) -> list[tuple[float, str, dict[str, Any]]]:
+        return self.record.timeline
 
     def move(self, state: CallState) -> bool:
         """Change state if the lifecycle allows it; False means the call is already past that point."""
@@ -56,7 +66,7 @@ class Call:
         return True
 
     def mark(self, name: str, **detail: Any) -> None:
-        self.timeline.append((round(time.monotonic() - self.answered_at, 4), name, detail))
+        self.record.event(name, **detail)
 
     def first(self, name: str) -> float | None:
         return next((t for t, n, _ in self.timeline if n == name), None)

@@ -20,11 +20,14 @@ import gevent.event
 from bridge.server import BridgeServer
 from bridge.tokens import TokenBook
 from controller.callflow import CUSTOM, EVENTS, Controller
+from controller.callrecords import CallRecordWriter
 from controller.calls import Call
 from controller.config import Config, ConfigError, load_config
 from controller.esl import EslClient, EslSettings
 from controller.httpapi import HttpApi
+from controller.logs import configure_logging
 from controller.metrics import OUTCOMES, Metrics
+from controller.sdnotify import Notifier
 
 log = logging.getLogger("forkbridge")
 
@@ -53,6 +56,8 @@ class Daemon:
         self.http = HttpApi(config.metrics.listen_host, config.metrics.listen_port, self.metrics, self.ready)
         self.stopped = gevent.event.Event()
         self._reconnects_seen = 0
+        self.records = CallRecordWriter(config.logging.call_records) if config.logging.call_records else None
+        self.notifier = Notifier()
 
     def _media_for(self, uuid: str) -> Any:
         call = self.controller.calls.get(uuid)
@@ -65,24 +70,32 @@ class Daemon:
             self.metrics.esl_reconnected()
 
     def _observe(self, call: Call, name: str, detail: dict[str, Any]) -> None:
-        """Call milestones → metrics (the call's own timeline keeps the details)."""
-        m, route = self.metrics, call.route.name
+        """Call milestones → metrics and the call record (its timeline has every milestone already)."""
+        m, route, record = self.metrics, call.route.name, call.record
         if name == "answered":
             m.call_started(route)
         elif name == "dtmf":
             m.dtmf(route)
+            record.digit(detail.get("digit", ""))
+        elif name == "transcript":
+            record.transcript(detail.get("role", ""), detail.get("text", ""))
+        elif name == "tool_call":
+            record.tool_call(detail.get("name", ""), result="refused" if detail.get("refused") else "ok")
         elif name in ("fork_connect_failed", "fork_error"):
             m.fork_connect_failed(route)
         elif name == "engine_error":
             m.engine_error(call.engine.name, detail.get("code"))
         elif name == "barge_in":
             m.bargein(route, detail.get("stop_ms", 0.0) / 1000.0)
+            record.latency("bargein_stop", detail.get("stop_ms", 0.0) / 1000.0)
         elif name == "caller_heard":
             if "since_speech_stopped_ms" in detail:
                 m.first_audio(route, detail["since_speech_stopped_ms"] / 1000.0)
+                record.latency("first_audio", detail["since_speech_stopped_ms"] / 1000.0)
             started = call.first_named("engine_first_audio", detail.get("response", ""))
             if started is not None:
-                m.playout(route, time.monotonic() - call.answered_at - started)
+                m.playout(route, record.now() - started)
+                record.latency("playout", record.now() - started)
         elif name == "chunk_queued":
             m.playback_chunk(route)
         elif name == "playback_underrun":
@@ -92,6 +105,9 @@ class Daemon:
         outcome = call.outcome if call.outcome in OUTCOMES else "completed"
         duration = (call.ended_at or time.monotonic()) - call.answered_at
         self.metrics.call_finished(call.route.name, call.engine.name, outcome, duration)
+        call.record.finish(call.outcome or "completed", call.end_reason)
+        if self.records is not None:
+            self.records.write(call.record)
         self.ended_calls.append(call)
         del self.ended_calls[:-100]
 
@@ -109,9 +125,19 @@ class Daemon:
         self.controller.bridge_url = bridge.url or f"ws://{bridge.listen_host}:{self.bridge.port}"
         self.esl.start()
         self.http.start()
+        gevent.spawn(self._announce_ready)
         log.info("forkbridge listening for FreeSWITCH on %s:%s, ESL %s:%s, %d route(s)",
                  self.config.bridge.listen_host, self.bridge.port, self.config.esl.host, self.config.esl.port,
                  len(self.config.routes))
+
+    def _announce_ready(self) -> None:
+        """systemd READY=1 once ESL is connected and the WebSocket server listens; then watchdog pings."""
+        while not self.stopped.is_set() and not self.ready()[0]:
+            gevent.sleep(0.1)
+        if self.stopped.is_set():
+            return
+        self.notifier.ready("ESL connected, WebSocket server listening")
+        self.notifier.start_watchdog(lambda: self.bridge.listening and not self.stopped.is_set())
 
     def reload(self, path: str) -> bool:
         try:
@@ -130,10 +156,14 @@ class Daemon:
     def shutdown(self, grace: float | None = None) -> None:
         grace = self.config.daemon.shutdown_grace if grace is None else grace
         log.info("shutting down: draining %d call(s) for up to %.0fs", len(self.controller.calls), grace)
+        self.notifier.stopping(f"draining {len(self.controller.calls)} call(s)")
         self.controller.drain(grace)
         self.esl.stop()
         self.bridge.stop()
         self.http.stop()
+        self.notifier.stop_watchdog()
+        if self.records is not None:
+            self.records.close()
         self.stopped.set()
 
 
@@ -157,7 +187,7 @@ def run_daemon(path: str) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    logging.basicConfig(level=config.logging.level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(config.logging.level, config.logging.format, config.secrets)
     daemon = Daemon(config)
     daemon.start()
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(daemon.shutdown))

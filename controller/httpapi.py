@@ -42,7 +42,8 @@ class HttpApi:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def start(self) -> None:
         """Bind and serve in the background; raises OSError at once if the address is taken."""

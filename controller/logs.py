@@ -176,6 +176,18 @@ def _scrub(value: Any) -> Any:
 _handler: logging.Handler | None = None
 
 
+def _to_journald(stream: Any) -> bool:
+    """True when `stream` is systemd's journal connection (JOURNAL_STREAM names its device:inode, per systemd.exec)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    if not value:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return True  # not a real file (tests, wrappers): trust the environment
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
 def configure_logging(level: str | int = "info", fmt: str = "text", secrets: Iterable[str] = (),
                       stream: Any = None) -> logging.Handler:
     """Install the one root handler (replacing the one a previous call installed); returns it."""
@@ -185,7 +197,7 @@ def configure_logging(level: str | int = "info", fmt: str = "text", secrets: Ite
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be text or json, not {fmt!r}")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    journald = _to_journald(handler.stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(journald))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()

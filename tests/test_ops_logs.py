@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +127,18 @@ def test_temporary_secrets_are_bounded_and_forgettable() -> None:
 def test_bad_format_raises() -> None:
     with pytest.raises(ValueError):
         logs.configure_logging("info", "xml", stream=io.StringIO())
+
+
+def test_journald_detection_follows_the_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               restore_root: None) -> None:
+    with open(tmp_path / "log", "w") as f:
+        st = os.fstat(f.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        logs.configure_logging("info", "text", stream=f)
+        logging.getLogger("forkbridge.t").info("to the journal")
+        monkeypatch.setenv("JOURNAL_STREAM", "1:2")  # inherited, but our stderr is not the journal
+        logs.configure_logging("info", "text", stream=f)
+        logging.getLogger("forkbridge.t").info("to a file")
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert lines[0] == "<6>INFO forkbridge.t: to the journal"
+    assert lines[1][:4].isdigit() and lines[1].endswith("INFO forkbridge.t: to a file")

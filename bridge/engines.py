@@ -169,6 +169,7 @@ class WebSocketEngine(Engine):
         self._reader = gevent.spawn(self._read_loop)
 
     def close(self) -> None:
+        """Send a close frame and return at once; the socket is reaped in the background."""
         if self._closing:
             return
         self._closing = True
@@ -180,9 +181,11 @@ class WebSocketEngine(Engine):
                 ws.send_close(websocket.STATUS_NORMAL)
         except (websocket.WebSocketException, OSError):
             pass
-        reader = self._reader
+        gevent.spawn(self._reap, self._reader)
+
+    def _reap(self, reader: gevent.Greenlet | None) -> None:
         if reader is not None and reader is not gevent.getcurrent():
-            reader.join(timeout=2.0)  # the peer answers our close frame; the reader then ends
+            reader.join(timeout=2.0)  # the peer answers our close frame and the reader ends
         self._abort_socket()
         if reader is not None and reader is not gevent.getcurrent():
             reader.kill(block=True, timeout=1.0)

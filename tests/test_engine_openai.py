@@ -329,3 +329,58 @@ def test_secrets_never_reach_logs_or_events(fake, rec, caplog):
     engine.close()
     assert KEY not in caplog.text
     assert all(KEY not in repr(e) for e in rec.events)
+
+
+# ---- the registry, and the fake's own validation (so the tests above can trust it) ------------------------
+
+
+def test_registry_imports_engines_lazily_and_names_unknown_types():
+    import subprocess
+    import sys
+
+    code = ("import sys, bridge.engines as e; "
+            "assert not any(m in sys.modules for m in ('bridge.echo', 'bridge.openai_realtime', 'bridge.elevenlabs',"
+            " 'bridge.generic')), sorted(sys.modules); "
+            "assert set(e.ENGINE_TYPES) == {'echo', 'openai_realtime', 'elevenlabs', 'generic'}")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    from bridge.engines import UnknownEngineType, engine_class
+
+    with pytest.raises(UnknownEngineType, match="openai_realtime"):
+        engine_class("gemini")
+
+
+def _raw(fake, headers=()):
+    import json
+
+    import websocket
+
+    ws = websocket.create_connection(f"{fake.url}?model=gpt-realtime", timeout=3,
+                                     header=[f"Authorization: Bearer {KEY}", *headers])
+    return ws, json.loads(ws.recv())
+
+
+def test_fake_refuses_the_beta_header_like_the_server(fake):
+    import websocket
+
+    ws, first = _raw(fake, ["OpenAI-Beta: realtime=v1"])
+    assert first["error"]["code"] == "beta_api_shape_disabled"
+    opcode, data = ws.recv_data()
+    assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 4000
+    ws.close()
+
+
+@pytest.mark.parametrize("session, code", [
+    ({"modalities": ["audio", "text"], "input_audio_format": "g711_ulaw"}, "unknown_parameter"),
+    ({"type": "realtime", "audio": {"input": {"format": "pcm16"}}}, "invalid_value"),
+    ({"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}}, "invalid_value"),
+    ({"instructions": "no type"}, "missing_required_parameter"),
+])
+def test_fake_refuses_beta_or_invalid_session_updates(fake, session, code):
+    import json
+
+    ws, first = _raw(fake)
+    assert first["type"] == "session.created"
+    ws.send(json.dumps({"type": "session.update", "event_id": "e1", "session": session}))
+    reply = json.loads(ws.recv())
+    assert reply["type"] == "error" and reply["error"]["code"] == code and reply["error"]["event_id"] == "e1"
+    ws.close()

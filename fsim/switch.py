@@ -22,6 +22,7 @@ from .audiofork import api_uuid_audio_fork
 from .audiostream import api_uuid_audio_stream
 from .caller import CallerScript
 from .channel import SHOW_COLUMNS, Channel
+from .control import CONTROL_API
 from .eslserver import ESLServer
 from .events import WITH_VARIABLES, Event, channel_headers, common_headers
 from .faults import Faults
@@ -257,6 +258,8 @@ class FSim:
     def run_api(self, line: str, via: str = "api", job_uuid: str | None = None) -> str:
         cmd, _, args = line.strip().partition(" ")
         args = args.strip()
+        if cmd.lower() in CONTROL_API:
+            return CONTROL_API[cmd.lower()](self, args)
         first = args.split(" ", 1)[0] if args else ""
         target = first if _is_uuid(first) else None
         rec = CommandRecord(via, cmd, args, target, job_uuid=job_uuid)

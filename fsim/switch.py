@@ -128,6 +128,8 @@ class FSim:
         self.esl.stop_listening()
         self.faults.drop_esl("shutdown")
         self._pool.kill(block=True, timeout=2)
+        if self._own_temp:
+            _cleanup_temp(self.temp_dir)
         self.started = False
 
     def __enter__(self) -> FSim:

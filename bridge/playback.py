@@ -96,6 +96,7 @@ class BroadcastPlayer(Player):
         self._heard_ms: dict[str, float] = {}
         self._flush_timer: gevent.Greenlet | None = None
         self._done: set[str] = set()
+        self._cancelled: set[str] = set()
         self.chunks_queued = 0
 
     # ---- feeding ----
@@ -143,9 +144,12 @@ class BroadcastPlayer(Player):
 
     # ---- what FreeSWITCH reports ----
     def owns(self, path: str) -> bool:
-        return path in self._chunks
+        return path in self._chunks or path in self._cancelled
 
     def playback_started(self, path: str) -> None:
+        if path in self._cancelled:
+            self.control.break_all()  # it had left FreeSWITCH's queue before our break: stop it too
+            return
         chunk = self._chunks.get(path)
         if chunk is None:
             return
@@ -156,6 +160,7 @@ class BroadcastPlayer(Player):
         self.current = chunk.response_id
 
     def playback_stopped(self, path: str, status: str) -> None:
+        self._cancelled.discard(path)
         chunk = self._chunks.pop(path, None)
         if chunk is None:
             return
@@ -198,6 +203,7 @@ class BroadcastPlayer(Player):
             if not self._chunks[path].started_at:
                 self._chunks.pop(path)
                 self._order.remove(path)
+                self._cancelled.add(path)
                 _remove(path)
         received = self.received_ms.get(response, 0.0)
         return Heard(response, int(min(heard, received)), int(received))

@@ -24,6 +24,8 @@ from controller.esl import EslClient, EslError
 
 log = logging.getLogger("forkbridge.controller")
 
+RECONNECT_WAIT = 30.0  # how long a command for a live call waits for ESL to come back
+
 
 class EslCallControl:
     def __init__(self, esl: EslClient, uuid: str, on_sent: Callable[[str, float], None] | None = None) -> None:
@@ -31,6 +33,7 @@ class EslCallControl:
         self.uuid = uuid
         self.on_sent = on_sent or (lambda _cmd, _t: None)
         self._queue: deque[tuple[str, str]] = deque()  # (kind, command)
+        self._retried: tuple[str, str] | None = None
         self._wake = gevent.event.Event()
         self._closed = False
         self._worker = gevent.spawn(self._run)
@@ -55,12 +58,22 @@ class EslCallControl:
             try:
                 reply = self.esl.execute(self.uuid, "playback", command) if kind == "play" else self.esl.api(command)
             except EslError as exc:
+                if self._retry_after_reconnect(kind, command):
+                    continue
                 log.warning("call %s: %s not sent: %s", self.uuid, kind, exc)
                 continue
             self.sent.append(f"{kind} {command}")
             self.on_sent(kind, time.monotonic())
             if not reply.startswith("+OK") and reply.strip() not in ("true", "false"):
                 log.info("call %s: %s → %s", self.uuid, kind, reply.strip())
+
+    def _retry_after_reconnect(self, kind: str, command: str) -> bool:
+        """ESL is down: a hangup or transfer must still happen, so wait for the reconnect and send it then."""
+        if self._retried == (kind, command) or self.esl.connected or not self.esl.wait_connected(RECONNECT_WAIT):
+            return False
+        self._retried = (kind, command)  # once: a command that fails on a fresh connection is not retried again
+        self._queue.appendleft((kind, command))
+        return True
 
     # ---- the CallControl interface ----
     def play(self, path: str) -> None:

@@ -163,7 +163,8 @@ class Controller:
             reply = self.esl.bgapi(self.fork_command(call))
         except EslError as exc:
             log.warning("call %s: fork start not confirmed: %s", call.uuid, exc)
-            return  # the no-audio watchdog or the resync after reconnect takes it from here
+            call.fork_pending = True  # the resync after the reconnect starts it again
+            return
         if not reply.startswith("+OK"):
             log.warning("call %s: fork start refused: %s", call.uuid, reply.strip())
             self.fork_failures += 1
@@ -301,7 +302,8 @@ class Controller:
         for call in self.calls:
             if call.uuid not in live:
                 self._ended(call, "GONE_DURING_OUTAGE")
-            elif call.live and (call.media is None or call.media.ws is None or call.state != CallState.BRIDGED):
+            elif call.live and call.fork_pending:
+                call.fork_pending = False
                 gevent.spawn(self.refork, call)
         for uuid, row in live.items():
             if self.calls.get(uuid) is not None or row.get("callstate") != "ACTIVE":
@@ -313,7 +315,7 @@ class Controller:
                 marker = self.esl.api(f"uuid_getvar {uuid} {self.config.esl.marker_variable}")
             except EslError:
                 continue
-            if marker.strip().lower() == "true":
+            if marker.strip().lower() == "true" and self.calls.get(uuid) is None:  # its ANSWER may have come
                 log.info("call %s answered while ESL was down: picking it up", uuid)
                 self.take(uuid, row.get("dest", ""), row.get("cid_num", ""), route)
 
@@ -329,8 +331,7 @@ class Controller:
             if call.live:
                 self.fallback(call, "shutting_down")
         deadline = time.monotonic() + PROMPT_WAIT + 5
-        while any(c.state != CallState.ENDED and c.control is not None and c.control._queue for c in self.calls) \
-                and time.monotonic() < deadline:
+        while len(self.calls) and time.monotonic() < deadline:  # each leaves at its hangup or transfer
             gevent.sleep(0.05)
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------

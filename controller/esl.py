@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,13 +181,25 @@ class EslClient:
         return self._conn is not None and self._ready.is_set() and not self._conn.lost.is_set()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
+        """True once a connection is up (at once if it is); False after `timeout` or when stopping."""
+        deadline = time.monotonic() + timeout
+        while not self._stopping:
+            if self.connected:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._ready.wait(min(left, 0.5))
+            if not self.connected:
+                gevent.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return False
 
     def start(self) -> None:
         self._runner = gevent.spawn(self._run)
 
     def stop(self) -> None:
         self._stopping = True
+        self._ready.clear()
         conn = self._conn
         if conn is not None and conn.connected:
             try:

@@ -1,0 +1,163 @@
+"""Call control scenarios: the real daemon against fsim over loopback, checking what FreeSWITCH is told."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+
+from bridge.tokens import TokenBook
+from fsim import CallerScript, FSim, Silence, SpeechLike, Tone
+from fsim.audio import write_wav
+from tests.harness import SECRET, load, running_daemon, wait_until, write_config
+
+ROUTES = """
+- name: desk
+  did: "7100"
+  engine: echo
+  sample_rate: 16000
+  no_audio_timeout: 4s
+  dtmf: {dtmf}
+  fallback:
+    prompt: {prompt}
+    transfer: 1000 XML default
+"""
+
+TALKING = CallerScript(audio=SpeechLike(bursts=12), hangup_after=20.0)
+
+
+def prompt_file(tmp_path) -> str:
+    path = str(tmp_path / "sorry.wav")
+    write_wav(path, np.zeros(4000, np.int16), 8000)  # half a second, like a short "please hold"
+    return path
+
+
+def config_for(tmp_path, sw, dtmf="forward", engines="", routes=None):
+    text = routes or ROUTES.format(dtmf=dtmf, prompt=prompt_file(tmp_path))
+    return load(write_config(tmp_path, sw.esl_port, text, engines=engines))
+
+
+def fork_starts(sw, uuid):
+    return [c for c in sw.commands_for(uuid) if c.command == "uuid_audio_fork" and " start " in f" {c.args} "]
+
+
+def test_routed_call_gets_one_fork_with_a_valid_token_and_unrouted_gets_nothing(tmp_path):
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)):
+        stranger = sw.place_call(did="9999", script=TALKING)
+        ours = sw.place_call(did="7100", script=TALKING)
+        wait_until(lambda: ours.fork is not None and ours.fork.connected.is_set(), what="the fork to connect")
+        (start,) = fork_starts(sw, ours.uuid)
+        words = start.args.split(" ")
+        assert words[:2] == [ours.uuid, "start"] and words[3:6] == ["mono", "16k", "forkbridge"]
+        url = urlsplit(words[2])
+        assert url.hostname == "127.0.0.1" and url.port and url.path == f"/calls/{ours.uuid}"
+        token = parse_qs(url.query)["token"][0]
+        assert TokenBook(SECRET, 30).check(ours.uuid, token) == ""  # signed for this call, unexpired
+        assert json.loads(words[6]) == {"uuid": ours.uuid, "did": "7100", "route": "desk"}
+        assert len(words) == 7  # compact metadata: no spaces
+        assert ours.fork.metadata == words[6]
+        assert sw.commands_for(stranger.uuid) == []
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("forward", ["1", "2", "#"]), ("collect", ["12"])])
+def test_digits_reach_the_engine_as_text(tmp_path, policy, expected):
+    script = CallerScript(audio=Silence(10.0), dtmf=[("1", 1.0), ("2", 1.3), ("#", 1.6)], hangup_after=10.0)
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw, dtmf=policy)) as daemon:
+        call = sw.place_call(did="7100", script=script)
+        engine = wait_until(lambda: _engine(daemon, call.uuid), what="the engine session")
+        wait_until(lambda: len(engine.texts_received) >= len(expected), what="the digits at the engine")
+        assert engine.texts_received == expected
+        # and each text got a spoken answer the caller heard
+        wait_until(lambda: call.ear.heard_seconds("broadcast:") > 0.1, what="the tone answer")
+
+
+def test_a_local_digit_transfers_without_the_model(tmp_path):
+    dtmf = '{mode: forward, actions: {"0": "transfer:operator"}}'
+    routes = ROUTES.format(dtmf=dtmf, prompt=prompt_file(tmp_path)) + """
+  tools:
+    transfer_targets: {operator: "2000 XML default"}
+"""
+    script = CallerScript(audio=Silence(10.0), dtmf=[("0", 1.0)], hangup_after=10.0)
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw, routes=routes)) as daemon:
+        call = sw.place_call(did="7100", script=script)
+        engine = wait_until(lambda: _engine(daemon, call.uuid), what="the engine session")
+        wait_until(lambda: call.transferred_to, what="the transfer")
+        assert call.transferred_to.startswith("2000") and engine.texts_received == []
+        assert daemon.controller.calls.get(call.uuid) is None  # no longer ours
+
+
+def _engine(daemon, uuid):
+    call = daemon.controller.calls.get(uuid)
+    return call.media.engine if call is not None and call.media is not None and call.media.engine_ready.is_set() \
+        else None
+
+
+@pytest.mark.parametrize("mode", ["notice", "eof", "mid_body"])
+def test_esl_drop_mid_call_reconnects_and_the_call_goes_on(tmp_path, mode):
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
+        call = sw.place_call(did="7100", script=CallerScript(audio=Tone(440, 1.0) + Silence(12.0), hangup_after=8.0))
+        wait_until(lambda: call.fork is not None and call.fork.connected.is_set(), what="the fork")
+        assert sw.faults.drop_esl(mode) == 1
+        wait_until(lambda: daemon.esl.reconnects >= 1 and daemon.esl.connected, what="the reconnect")
+        assert daemon.controller.calls.get(call.uuid) is not None  # still ours, fork still up
+        assert len(fork_starts(sw, call.uuid)) == 1
+        wait_until(lambda: call.ear.heard_seconds("broadcast:") > 0.5, what="the echo after the reconnect")
+        assert call.wait_hangup(12)
+        wait_until(lambda: daemon.controller.calls.get(call.uuid) is None, what="the call to be released")
+        assert call.transferred_to is None  # it ended as the caller wanted, not in the fallback
+
+
+def test_calls_during_an_outage_are_resynced(tmp_path):
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
+        ended = sw.place_call(did="7100", script=CallerScript(audio=Silence(30.0), hangup_after=30.0))
+        wait_until(lambda: ended.fork is not None and ended.fork.connected.is_set(), what="the first fork")
+        sw.esl.stop_listening()
+        sw.faults.drop_esl("eof")
+        wait_until(lambda: not daemon.esl.connected, what="the daemon to notice")
+        ended.hangup("NORMAL_CLEARING", by="caller")  # while we are away
+        answered = sw.place_call(did="7100", script=TALKING)
+        assert answered.wait_answered(5)
+        sw.restart_esl(keep_channels=True)
+        wait_until(lambda: daemon.esl.connected, what="the reconnect")
+        wait_until(lambda: answered.fork is not None and answered.fork.connected.is_set(),
+                   what="the call answered during the outage to be forked")
+        wait_until(lambda: daemon.controller.calls.get(ended.uuid) is None, what="the ended call to be cleaned up")
+        assert len(fork_starts(sw, ended.uuid)) == 1  # nothing more was sent for the call that had ended
+        assert len(fork_starts(sw, answered.uuid)) == 1
+
+
+@pytest.mark.parametrize(("trigger", "engines", "extra"), [
+    ("engine_refused", "bot: {type: echo, refuse: true}", ""),
+    ("engine_dropped", "bot: {type: echo, drop_after_s: 1}", ""),
+    ("max_duration", "bot: {type: echo}", "  max_duration: 2s\n"),
+])
+def test_engine_and_timer_failures_end_in_the_fallback_transfer(tmp_path, trigger, engines, extra):
+    routes = ROUTES.format(dtmf="forward", prompt=prompt_file(tmp_path)).replace("engine: echo", "engine: bot") + extra
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw, engines=engines, routes=routes)) as daemon:
+        call = sw.place_call(did="7100", script=TALKING)
+        wait_until(lambda: call.transferred_to, timeout=10, what=f"the fallback transfer after {trigger}")
+        assert call.transferred_to.startswith("1000")
+        assert (prompt_file(tmp_path), "done") in call.played  # the caller heard the prompt first
+        ended = wait_until(lambda: [c for c in daemon.ended_calls if c.uuid == call.uuid], what="the record")
+        assert ended[0].end_reason == "TRANSFERRED" or ended[0].outcome == "fallback_transfer"
+        assert any(name == "ending" and detail.get("reason") == trigger for _, name, detail in ended[0].timeline)
+
+
+@pytest.mark.parametrize("fault", ["refused_twice", "cut", "never_connects"])
+def test_fork_failures_end_in_the_fallback_transfer(tmp_path, fault):
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)):
+        if fault == "refused_twice":
+            sw.faults.refuse_fork(count=2)
+        if fault == "never_connects":
+            sw.faults.slow_forks(connect_delay=30)
+        call = sw.place_call(did="7100", script=TALKING)
+        if fault == "cut":
+            wait_until(lambda: call.fork is not None and call.fork.connected.is_set(), what="the fork")
+            sw.faults.cut_fork(call.uuid)
+        wait_until(lambda: call.transferred_to, timeout=10, what=f"the fallback transfer after {fault}")
+        if fault == "refused_twice":
+            assert len(fork_starts(sw, call.uuid)) == 2  # one retry, after a stop
+            stops = [c for c in sw.commands_for(call.uuid) if c.command == "uuid_audio_fork" and " stop" in c.args]
+            assert stops

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= conf/forkbridge.yaml
 
-.PHONY: test lint run sysdeps demo
+.PHONY: test lint run sysdeps demo bench
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,13 @@ lint: $(STAMP)
 # The daemon in the foreground with a config of yours: make run CONFIG=/etc/forkbridge/forkbridge.yaml
 run: $(STAMP)
 	$(VENV)/bin/forkbridge run --config $(CONFIG)
+
+# A whole simulated call through the real daemon (fsim + echo engine), with its timeline and latencies.
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+# Load figures (CPU and memory per call, latencies): make bench [STEPS=50,100] [SECONDS=10]
+STEPS ?= 50,100,200,300,500
+SECONDS ?= 20
+bench: $(STAMP)
+	$(PY) bench/run.py --steps $(STEPS) --seconds $(SECONDS)

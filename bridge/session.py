@@ -45,6 +45,7 @@ from bridge.tools import build_tool_specs, decide
 log = logging.getLogger("forkbridge.bridge")
 
 SILENCE_WRITER = "silence_stream://-1"  # gives a parked leg a writer so streamed audio is played out
+HANGUP_AFTER_PLAYBACK_MAX = 10.0  # seconds a goodbye may still play before the model's hangup happens
 
 
 @dataclass
@@ -69,7 +70,8 @@ class MediaOptions:
 
 class MediaSession:
     def __init__(self, info: CallInfo, options: MediaOptions, control: CallControl, hooks: SessionHooks,
-                 stats: Any = None) -> None:
+                 stats: Any = None, log: logging.Logger | logging.LoggerAdapter = log) -> None:
+        self.log = log
         self.info = info
         self.options = options
         self.control = control
@@ -115,7 +117,7 @@ class MediaSession:
             self._fail("engine_refused", str(exc))
             return
         except Exception as exc:
-            log.exception("engine failed to start for %s", self.info.uuid)
+            self.log.exception("engine failed to start")
             self._fail("engine_refused", type(exc).__name__)
             return
         if self._closed:
@@ -142,7 +144,7 @@ class MediaSession:
             try:
                 self.engine.close()
             except Exception:
-                log.exception("engine close failed for %s", self.info.uuid)
+                self.log.exception("engine close failed")
         for greenlet in self._greenlets:
             greenlet.kill(block=False)
         ws = self.ws
@@ -152,7 +154,7 @@ class MediaSession:
     def _fail(self, reason: str, detail: str = "") -> None:
         if self._closed:
             return
-        log.warning("call %s: %s %s", self.info.uuid, reason, detail)
+        self.log.warning("%s %s", reason, detail)
         self.hooks.fail(reason)
 
     # ---- the fork socket --------------------------------------------------------------------------
@@ -195,7 +197,7 @@ class MediaSession:
                 try:
                     self.engine.send_audio(self._in.convert(bytes(message)))
                 except Exception:
-                    log.debug("send_audio failed for %s", self.info.uuid, exc_info=True)
+                    self.log.debug("send_audio failed", exc_info=True)
         return "ended"
 
     def _on_text(self, text: str) -> None:
@@ -206,7 +208,7 @@ class MediaSession:
             try:
                 obj, end = decoder.raw_decode(text, pos)
             except ValueError:
-                log.debug("call %s: ignoring non-JSON text frame (%d bytes)", self.info.uuid, len(text))
+                self.log.debug("ignoring non-JSON text frame (%d bytes)", len(text))
                 return
             if isinstance(obj, dict):
                 self.hooks.mark("fork_text", {"keys": sorted(obj)[:8]})
@@ -281,7 +283,11 @@ class MediaSession:
             if event.fatal:
                 self._fail("engine_error", event.code)
         elif isinstance(event, Closed):
-            self._fail("engine_closed" if event.clean else "engine_dropped", event.reason)
+            if event.clean:  # the agent ended the conversation (e.g. ElevenLabs end_call): say goodbye, hang up
+                self.hooks.mark("model_hangup", {"reason": event.reason})
+                gevent.spawn(self._hangup_after_playback)
+            else:
+                self._fail("engine_dropped", event.reason)
 
     def _on_audio(self, event: AudioOut) -> None:
         if event.response_id in self._dropped or self._out is None:
@@ -327,6 +333,13 @@ class MediaSession:
         if tell_engine and self.engine is not None:
             self.engine.interrupt(heard.response_id, played)
 
+    def _hangup_after_playback(self, limit: float = HANGUP_AFTER_PLAYBACK_MAX) -> None:
+        """The model's last words are usually still queued when it hangs up: let them play (bounded)."""
+        deadline = time.monotonic() + limit
+        while self.player is not None and self.player.playing and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        self.control.hangup("NORMAL_CLEARING")
+
     def _first_heard(self, response_id: str) -> None:
         detail: dict[str, Any] = {"response": response_id}
         if self._speech_stopped_at is not None:
@@ -349,7 +362,7 @@ class MediaSession:
             self.control.transfer(self.options.transfer_targets[decision.argument])
         elif decision.action == "hangup":
             self.hooks.mark("model_hangup", {})
-            self.control.hangup("NORMAL_CLEARING")
+            self._hangup_after_playback()
         elif decision.action == "send_dtmf":
             self.control.send_dtmf(decision.argument)
 

@@ -28,7 +28,9 @@ RECONNECT_WAIT = 30.0  # how long a command for a live call waits for ESL to com
 
 
 class EslCallControl:
-    def __init__(self, esl: EslClient, uuid: str, on_sent: Callable[[str, float], None] | None = None) -> None:
+    def __init__(self, esl: EslClient, uuid: str, on_sent: Callable[[str, float], None] | None = None,
+                 log: logging.Logger | logging.LoggerAdapter = log) -> None:
+        self.log = log
         self.esl = esl
         self.uuid = uuid
         self.on_sent = on_sent or (lambda _cmd, _t: None)
@@ -60,12 +62,12 @@ class EslCallControl:
             except EslError as exc:
                 if self._retry_after_reconnect(kind, command):
                     continue
-                log.warning("call %s: %s not sent: %s", self.uuid, kind, exc)
+                self.log.warning("%s not sent: %s", kind, exc)
                 continue
             self.sent.append(f"{kind} {command}")
             self.on_sent(kind, time.monotonic())
             if not reply.startswith("+OK") and reply.strip() not in ("true", "false"):
-                log.info("call %s: %s → %s", self.uuid, kind, reply.strip())
+                self.log.info("%s → %s", kind, reply.strip())
 
     def _retry_after_reconnect(self, kind: str, command: str) -> bool:
         """ESL is down: a hangup or transfer must still happen, so wait for the reconnect and send it then."""

@@ -24,6 +24,7 @@ from controller.calls import Call, CallRegistry, CallState
 from controller.config import Config, Route
 from controller.dtmf import DtmfAction, DtmfHandler
 from controller.esl import EslClient, EslError, Event
+from controller.logs import call_logger, register_secret, unregister_secret
 
 log = logging.getLogger("forkbridge.controller")
 
@@ -111,23 +112,27 @@ class Controller:
     def take(self, uuid: str, did: str, caller_id: str, route: Route) -> Call:
         engine_cfg = self.config.engines[route.engine]
         call = Call(uuid=uuid, did=did, caller_id=caller_id, route=route, engine=engine_cfg)
+        call.log = call_logger(uuid, did, route=route.name)
         self.calls.add(call)
         assert self.esl is not None
-        call.control = EslCallControl(self.esl, uuid, on_sent=lambda kind, t: self._sent(call, kind, t))
+        call.control = EslCallControl(self.esl, uuid, on_sent=lambda kind, t: self._sent(call, kind, t),
+                                      log=call.log)
         self._mark(call, "answered", did=did, route=route.name)
-        log.info("call %s DID %s: ours, route %s, engine %s", uuid, did, route.name, engine_cfg.name)
+        call.log.info("answered: ours, route %s, engine %s", route.name, engine_cfg.name)
         if self.draining:
             self.fallback(call, "shutting_down")
             return call
+        # A greeting file is played as it is; the engine must not speak a greeting of its own on top of it.
+        greeting = "" if route.greeting_file else route.greeting
         info = CallInfo(uuid=uuid, did=did, caller_id=caller_id, sample_rate=route.sample_rate,
-                        instructions=route.instructions, voice=route.voice, greeting=route.greeting)
+                        instructions=route.instructions, voice=route.voice, greeting=greeting)
         options = MediaOptions(engine_type=engine_cfg.type, engine_options=engine_cfg.options,
                                playback=route.playback, spool_dir=self.config.bridge.spool_dir,
                                greeting_file=route.greeting_file, no_audio_timeout=route.no_audio_timeout,
                                tools_allow=route.tools.allow, transfer_targets=route.tools.transfer_targets)
         hooks = SessionHooks(fail=lambda reason: self.fallback(call, reason),
                              mark=lambda name, detail: self._mark(call, name, **detail))
-        call.media = MediaSession(info, options, call.control, hooks, stats=self.stats)
+        call.media = MediaSession(info, options, call.control, hooks, stats=self.stats, log=call.log)
         call.dtmf_handler = DtmfHandler(route.dtmf, lambda action: self._dtmf_action(call, action))
         call.media.start()  # engine opens now, in parallel with the fork
         gevent.spawn(self._start_fork, call)
@@ -137,6 +142,8 @@ class Controller:
     def fork_command(self, call: Call) -> str:
         route = call.route
         token = self.tokens.mint(call.uuid)
+        register_secret(token, temporary=True)  # the URL may reach FreeSWITCH's logs, never ours
+        call.tokens.append(token)
         url = f"{self.bridge_url}/calls/{call.uuid}?token={token}"
         rate = "16k" if route.sample_rate == 16000 else "8k"
         meta = json.dumps({"uuid": call.uuid, "did": _safe(call.did), "route": _safe(route.name)},
@@ -162,11 +169,11 @@ class Controller:
         try:
             reply = self.esl.bgapi(self.fork_command(call))
         except EslError as exc:
-            log.warning("call %s: fork start not confirmed: %s", call.uuid, exc)
+            call.log.warning("fork start not confirmed: %s", exc)
             call.fork_pending = True  # the resync after the reconnect starts it again
             return
         if not reply.startswith("+OK"):
-            log.warning("call %s: fork start refused: %s", call.uuid, reply.strip())
+            call.log.warning("fork start refused: %s", reply.strip())
             self.fork_failures += 1
             self._retry_fork(call)
 
@@ -232,7 +239,7 @@ class Controller:
         outcome = "fallback_transfer" if fallback.transfer else "fallback_hangup"
         if not self._let_go(call, outcome, reason):
             return
-        log.warning("call %s DID %s: fallback (%s) → %s", call.uuid, call.did, reason, fallback.describe())
+        call.log.warning("fallback (%s) → %s", reason, fallback.describe())
         gevent.spawn(self._run_fallback, call)
 
     def _run_fallback(self, call: Call) -> None:
@@ -285,7 +292,9 @@ class Controller:
         if call.control is not None:
             call.control.close()
         self.calls.remove(call.uuid)
-        log.info("call %s DID %s: ended (%s), outcome %s", call.uuid, call.did, cause, call.outcome)
+        for token in call.tokens:
+            unregister_secret(token)
+        call.log.info("ended (%s), outcome %s", cause, call.outcome)
         self.on_call_end(call)
 
     # ---- after (re)connecting ---------------------------------------------------------------------------
@@ -316,7 +325,7 @@ class Controller:
             except EslError:
                 continue
             if marker.strip().lower() == "true" and self.calls.get(uuid) is None:  # its ANSWER may have come
-                log.info("call %s answered while ESL was down: picking it up", uuid)
+                call_logger(uuid, row.get("dest", "")).info("answered while ESL was down: picking it up")
                 self.take(uuid, row.get("dest", ""), row.get("cid_num", ""), route)
 
     # ---- shutdown -----------------------------------------------------------------------------------------

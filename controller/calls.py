@@ -49,6 +49,8 @@ class Call:
     media: Any = None  # bridge.session.MediaSession
     control: Any = None  # controller.actions.EslCallControl
     dtmf_handler: Any = None
+    log: Any = None  # a logger whose lines carry this call's uuid and DID
+    tokens: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.record = CallRecord(uuid=self.uuid, did=self.did, caller_id=self.caller_id, route=self.route.name,

@@ -345,7 +345,7 @@ class Controller:
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------
 
-    def _mark(self, call: Call, name: str, **detail: Any) -> None:
+    def _mark(self, call: Call, name: str, /, **detail: Any) -> None:
         call.mark(name, **detail)
         self.observe(call, name, detail)
         if name == "fork_connected" and call.move(CallState.BRIDGED):

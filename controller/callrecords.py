@@ -61,7 +61,7 @@ class CallRecord:
         """Seconds since the record started (the timeline's clock)."""
         return round(time.monotonic() - self._t0, 3)
 
-    def event(self, name: str, **detail: Any) -> CallRecord:
+    def event(self, name: str, /, **detail: Any) -> CallRecord:
         self.timeline.append((self.now(), name, _mask_details(detail)))
         return self
 

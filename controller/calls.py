@@ -68,7 +68,7 @@ class Call:
         self.state = state
         return True
 
-    def mark(self, name: str, **detail: Any) -> None:
+    def mark(self, name: str, /, **detail: Any) -> None:
         self.record.event(name, **detail)
 
     def first(self, name: str) -> float | None:

@@ -57,6 +57,11 @@ class CallRecord:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     _t0: float = field(default_factory=time.monotonic, repr=False)
 
+    @property
+    def clock_origin(self) -> float:
+        """time.monotonic() at which this record's timeline starts (t = 0)."""
+        return self._t0
+
     def now(self) -> float:
         """Seconds since the record started (the timeline's clock)."""
         return round(time.monotonic() - self._t0, 3)

@@ -40,6 +40,7 @@ class Turn:
     audio_ms: float = 0.0
     interrupted: bool = False
     done: bool = False
+    freq: float = 550.0
 
     def playing(self) -> bool:
         return not self.interrupted and time.monotonic() < self.started + self.audio_ms / 1000.0
@@ -62,7 +63,8 @@ class Conversation:
 class ElevenLabsFake(FakeServer):
     """Script knobs (set before connecting): formats, first_message, reply_ms, chunk_ms, chunk_interval,
     audio_ids ("turn": every chunk of a turn carries the turn's event_id; "chunk": each chunk a new id),
-    stale_after_interrupt (old-id chunks still sent after an interruption), ping_interval (None: no pings)."""
+    stale_after_interrupt (old-id chunks still sent after an interruption), ping_interval (None: no pings),
+    tones (the tone frequency of each agent turn in turn; 550 Hz once the list runs out)."""
 
     def __init__(self, agent_id: str = "agent_test_1", api_key: str | None = None) -> None:
         super().__init__()
@@ -78,6 +80,7 @@ class ElevenLabsFake(FakeServer):
         self.audio_ids = "turn"
         self.stale_after_interrupt = 0
         self.ping_interval: float | None = None
+        self.tones: list[float] = []
         self.vad_rms = 500.0
         self.end_silence_ms = 300
         self.allowed_overrides = set(ALLOWED_OVERRIDES)
@@ -180,7 +183,9 @@ class ElevenLabsFake(FakeServer):
     def speak(self, text: str, conv: Conversation | None = None) -> Turn:
         """An agent turn: agent_response, then audio chunks faster than real time."""
         conv = conv or self.conversation
-        turn = Turn(eid=self.next_eid(), text=text, audio_ms=self.reply_ms)
+        index = len(conv.turns)
+        turn = Turn(eid=self.next_eid(), text=text, audio_ms=self.reply_ms,
+                    freq=self.tones[index] if index < len(self.tones) else 550.0)
         turn.last_eid = turn.eid
         conv.turn = turn
         conv.turns.append(turn)
@@ -214,7 +219,7 @@ class ElevenLabsFake(FakeServer):
         rate = _rate(self.output_format)
         sent = 0.0
         while sent < turn.audio_ms and not turn.interrupted and not conv.conn.closed:
-            chunk = tone(self.chunk_ms, rate, 550.0)
+            chunk = tone(self.chunk_ms, rate, turn.freq)
             payload = lin2ulaw(chunk) if self.output_format.startswith("ulaw") else chunk
             if self.audio_ids == "chunk":
                 turn.last_eid = self.next_eid()
@@ -229,7 +234,7 @@ class ElevenLabsFake(FakeServer):
         self.send(conv, {"type": "interruption", "interruption_event": {"event_id": turn.last_eid}})
         rate = _rate(self.output_format)
         for _ in range(self.stale_after_interrupt):  # in-flight chunks of the cut turn (ids <= interrupt id)
-            payload = tone(self.chunk_ms, rate, 550.0)
+            payload = tone(self.chunk_ms, rate, turn.freq)
             if self.output_format.startswith("ulaw"):
                 payload = lin2ulaw(payload)
             self.send(conv, {"type": "audio", "audio_event": {"audio_base_64": b64(payload),

@@ -83,6 +83,8 @@ class OpenAIFake(FakeServer):
     reply_ms / delta_ms / delta_interval: each response is reply_ms of audio in delta_ms deltas, with
     delta_interval seconds between deltas (small → faster than real time). late_deltas: deltas still sent
     after a cancel (in flight). echo_output_format: lie about the output format in session.updated.
+    tones: the tone frequency of each audio response in turn (330 Hz once the list runs out), so a test can
+    tell responses apart in what the caller heard.
     """
 
     def __init__(self, api_key: str = "sk-test-fake-key-000000", model: str = "gpt-realtime") -> None:
@@ -95,6 +97,7 @@ class OpenAIFake(FakeServer):
         self.late_deltas = 0
         self.vad_rms = 500.0
         self.echo_output_format: dict[str, Any] | None = None
+        self.tones: list[float] = []
         self.user_transcript = "hello there"
         self.reply_transcript = "Hi, how can I help?"
         self.tool_script: list[tuple[str, dict[str, Any]]] = []  # next responses become these tool calls
@@ -375,12 +378,14 @@ class OpenAIFake(FakeServer):
         fmt = self._fmt(s, "output")
         rate = 24000 if fmt["type"] == "audio/pcm" else 8000
         sent, extra = 0.0, 0
+        index = sum(1 for x in s.responses[: s.responses.index(r)] if x.kind == "audio")
+        freq = self.tones[index] if index < len(self.tones) else 330.0
         while sent < self.reply_ms:
             if r.cancel_reason:
                 if extra >= self.late_deltas:
                     break
                 extra += 1
-            chunk = tone(self.delta_ms, rate, 330.0)
+            chunk = tone(self.delta_ms, rate, freq)
             payload = chunk if fmt["type"] == "audio/pcm" else lin2ulaw(chunk)
             self.send(conn, {"type": "response.output_audio_transcript.delta", **ids, "delta": "."})
             self.send(conn, {"type": "response.output_audio.delta", **ids, "delta": b64(payload)})

@@ -325,9 +325,11 @@ class MediaSession:
             self._out.reset()
         if isinstance(player, StreamPlayer):
             self.control.play(SILENCE_WRITER)  # killAudio also stopped the writer
-        stop_ms = (time.monotonic() - started) * 1000.0
-        self.hooks.mark("barge_in", {"response": heard.response_id, "played_ms": heard.played_ms,
-                                     "received_ms": heard.received_ms, "stop_ms": round(stop_ms, 2)})
+        detail: dict[str, Any] = {"response": heard.response_id, "played_ms": heard.played_ms,
+                                  "received_ms": heard.received_ms, "signal_at": started}
+        if isinstance(player, StreamPlayer):  # killAudio went out on the socket inside stop()
+            detail["stop_ms"] = round((time.monotonic() - started) * 1000.0, 2)
+        self.hooks.mark("barge_in", detail)  # broadcast: the stop is timed when uuid_break is written
         played = heard.played_ms if heard.played_ms > 0 else None
         self.interruptions.append((heard.response_id, played))
         if tell_engine and self.engine is not None:

@@ -35,6 +35,7 @@ CUSTOM = ("mod_audio_fork::connect", "mod_audio_fork::connect_failed", "mod_audi
           "mod_audio_fork::error", "mod_audio_fork::buffer_overrun",
           "mod_audio_stream::connect", "mod_audio_stream::disconnect", "mod_audio_stream::error")
 PROMPT_WAIT = 15.0  # the longest we let a fallback prompt play before acting anyway
+HANGUP_RACE_WAIT = 0.5  # how long a fork close waits for the CHANNEL_HANGUP it may have beaten
 
 
 class Controller:
@@ -197,7 +198,22 @@ class Controller:
     def fork_closed(self, uuid: str, why: str) -> None:
         call = self.calls.get(uuid)
         if call is not None and call.live:
-            self.fallback(call, "fork_dropped" if why != "oversized" else "fork_refused")
+            gevent.spawn(self._fork_gone, call, "fork_dropped" if why != "oversized" else "fork_refused")
+
+    def _fork_gone(self, call: Call, reason: str) -> None:
+        """FreeSWITCH closes the fork when the caller hangs up, and that close can beat CHANNEL_HANGUP over
+        ESL: give the hangup a moment to arrive (and ask) before treating the close as a failure."""
+        if call.gone.wait(HANGUP_RACE_WAIT) or not call.live:
+            return
+        assert self.esl is not None
+        try:
+            exists = self.esl.api(f"uuid_exists {call.uuid}").strip()
+        except EslError:
+            exists = "true"
+        if exists == "false":
+            self._ended(call, "GONE")
+        elif call.live:
+            self.fallback(call, reason)
 
     def _limit_duration(self, call: Call) -> None:
         gevent.sleep(call.route.max_duration)
@@ -283,6 +299,7 @@ class Controller:
                 call.dtmf_handler.close()
         call.state = CallState.ENDED
         call.ended_at = time.monotonic()
+        call.gone.set()
         self._mark(call, "hangup", cause=cause)
         waiter = self._prompt_done.pop(call.uuid, None)
         if waiter is not None:

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import gevent.event
+
 from controller.callrecords import CallRecord
 from controller.config import EngineConfig, Route
 
@@ -51,6 +53,7 @@ class Call:
     dtmf_handler: Any = None
     log: Any = None  # a logger whose lines carry this call's uuid and DID
     tokens: list[str] = field(default_factory=list)
+    gone: gevent.event.Event = field(default_factory=gevent.event.Event)  # set when the call has ended
 
     def __post_init__(self) -> None:
         self.record = CallRecord(uuid=self.uuid, did=self.did, caller_id=self.caller_id, route=self.route.name,

@@ -56,6 +56,7 @@ class Daemon:
         self.http = HttpApi(config.metrics.listen_host, config.metrics.listen_port, self.metrics, self.ready)
         self.stopped = gevent.event.Event()
         self._reconnects_seen = 0
+        self._barge_signals: dict[str, float] = {}  # uuid → when the engine said "caller speaking"
         self.records = CallRecordWriter(config.logging.call_records) if config.logging.call_records else None
         self.notifier = Notifier()
 
@@ -86,8 +87,13 @@ class Daemon:
         elif name == "engine_error":
             m.engine_error(call.engine.name, detail.get("code"))
         elif name == "barge_in":
-            m.bargein(route, detail.get("stop_ms", 0.0) / 1000.0)
-            record.latency("bargein_stop", detail.get("stop_ms", 0.0) / 1000.0)
+            m.bargein(route)
+            if "stop_ms" in detail:
+                self._barge_stopped(call, detail["stop_ms"] / 1000.0)
+            else:
+                self._barge_signals[call.uuid] = detail["signal_at"]
+        elif name == "sent_break" and call.uuid in self._barge_signals:
+            self._barge_stopped(call, detail["at"] - self._barge_signals.pop(call.uuid))
         elif name == "caller_heard":
             if "since_speech_stopped_ms" in detail:
                 m.first_audio(route, detail["since_speech_stopped_ms"] / 1000.0)
@@ -101,7 +107,14 @@ class Daemon:
         elif name == "playback_underrun":
             m.playback_underrun(route)
 
+    def _barge_stopped(self, call: Call, seconds: float) -> None:
+        """Barge-in signal from the engine → the stop actually written (uuid_break, or killAudio)."""
+        m = self.metrics
+        m.bargein_stop_latency.labels(route=m.route(call.route.name)).observe(max(0.0, seconds))
+        call.record.latency("bargein_stop", seconds)
+
     def _call_ended(self, call: Call) -> None:
+        self._barge_signals.pop(call.uuid, None)
         outcome = call.outcome if call.outcome in OUTCOMES else "completed"
         duration = (call.ended_at or time.monotonic()) - call.answered_at
         self.metrics.call_finished(call.route.name, call.engine.name, outcome, duration)

@@ -105,7 +105,7 @@ class MediaSession:
             self.player = BroadcastPlayer(self.control, self.options.spool_dir, self.info.uuid,
                                           self.info.sample_rate, on_first_heard=self._first_heard,
                                           on_underrun=self._underrun,
-                                          on_chunk=lambda ms: self.hooks.mark("chunk_queued", {"ms": round(ms)}))
+                                          on_chunk=self._chunk_queued)
 
     def _connect_engine(self) -> None:
         try:
@@ -348,6 +348,11 @@ class MediaSession:
             detail["since_speech_stopped_ms"] = round((time.monotonic() - self._speech_stopped_at) * 1000.0, 1)
             self._speech_stopped_at = None
         self.hooks.mark("caller_heard", detail)
+
+    def _chunk_queued(self, ms: float) -> None:
+        self.hooks.mark("chunk_queued", {"ms": round(ms)})
+        if self.stats is not None:
+            self.stats.audio_out(int(ms * self.info.sample_rate * 2 / 1000))
 
     def _underrun(self) -> None:
         self.hooks.mark("playback_underrun", {})

@@ -137,7 +137,7 @@ class Controller:
         call.dtmf_handler = DtmfHandler(route.dtmf, lambda action: self._dtmf_action(call, action))
         call.media.start()  # engine opens now, in parallel with the fork
         gevent.spawn(self._start_fork, call)
-        gevent.spawn(self._limit_duration, call)
+        call.timer = gevent.spawn_later(route.max_duration, self._max_duration_reached, call)
         return call
 
     def fork_command(self, call: Call) -> str:
@@ -215,8 +215,7 @@ class Controller:
         elif call.live:
             self.fallback(call, reason)
 
-    def _limit_duration(self, call: Call) -> None:
-        gevent.sleep(call.route.max_duration)
+    def _max_duration_reached(self, call: Call) -> None:
         if call.live:
             self.fallback(call, "max_duration")
 
@@ -300,6 +299,8 @@ class Controller:
         call.state = CallState.ENDED
         call.ended_at = time.monotonic()
         call.gone.set()
+        if call.timer is not None:
+            call.timer.kill(block=False)
         self._mark(call, "hangup", cause=cause)
         waiter = self._prompt_done.pop(call.uuid, None)
         if waiter is not None:

@@ -169,7 +169,7 @@ def stop(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: floa
 # ---- one step ------------------------------------------------------------------------------------------------
 
 
-def run_step(n: int, seconds: float, workdir: Path) -> dict:
+def run_step(n: int, seconds: float, workdir: Path, profile: str = "") -> dict:
     step_dir = workdir / f"step{n}"
     spool = step_dir / "spool"
     spool.mkdir(parents=True)
@@ -200,6 +200,11 @@ def run_step(n: int, seconds: float, workdir: Path) -> dict:
         connected = int(ramped[2])
         time.sleep(SETTLE_S)
         helpers = {k: procs[k].pid for k in ("driver", "fake")}
+        spy = None
+        if profile:  # py-spy (pip install py-spy; not a dependency) samples the daemon over the window
+            spy = subprocess.Popen([profile, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200",
+                                    "-f", "raw", "-o", str(step_dir / "daemon.folded")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t1, c1 = time.time(), cpu_ticks(pid)
         h1 = {k: cpu_ticks(p) for k, p in helpers.items()}
         rss_peak = 0
@@ -209,6 +214,8 @@ def run_step(n: int, seconds: float, workdir: Path) -> dict:
         t2, c2 = time.time(), cpu_ticks(pid)
         h2 = {k: cpu_ticks(p) for k, p in helpers.items()}
         rss_end = rss_kib(pid)
+        if spy is not None:
+            spy.wait(30)
         os.kill(procs["driver"].pid, signal.SIGUSR2)
         read_line(procs["driver"], 60, "done")
         stop(procs["fake"])
@@ -396,6 +403,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0, help="steady window per step")
     p.add_argument("--out", default=str(ROOT / "bench/results.json"))
     p.add_argument("--keep", action="store_true", help="keep the per-step work dir (configs, logs, raw data)")
+    p.add_argument("--py-spy", default="", help="path to py-spy: profile the daemon over each window (implies --keep)")
     args = p.parse_args()
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     workdir = Path(tempfile.mkdtemp(prefix="forkbridge-bench-"))
@@ -407,7 +415,7 @@ def main() -> int:
     try:
         for n in steps:
             try:
-                r = run_step(n, args.seconds, workdir)
+                r = run_step(n, args.seconds, workdir, args.py_spy)
             except Exception as exc:  # one broken step must not hide the others
                 print(f"{n:>5} step failed: {exc}", flush=True)
                 results.append({"calls": n, "error": str(exc)})
@@ -415,7 +423,9 @@ def main() -> int:
             results.append(r)
             print(row(r), flush=True)
     finally:
-        if not args.keep:
+        if args.keep or args.py_spy:
+            print(f"work dir kept: {workdir}", flush=True)
+        else:
             shutil.rmtree(workdir, ignore_errors=True)
     ok = [r for r in results if "error" not in r]
     zero = [r["calls"] for r in ok if r["late_appends"] == 0 and r["forks_connected"] == r["calls"]]

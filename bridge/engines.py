@@ -101,6 +101,16 @@ def safe_url(url: str) -> str:
         return "<unparsable url>"
 
 
+def _text(data: bytes | str) -> str:
+    """A text frame's payload as str; invalid UTF-8 raises what websocket-client's validator raised."""
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise websocket.WebSocketPayloadException("cannot decode: invalid UTF-8 in a text frame") from exc
+
+
 def close_code(data: bytes) -> tuple[int, str]:
     """Status code and reason of a close frame's payload (1005 when the peer sent none)."""
     if len(data) < 2:
@@ -118,6 +128,10 @@ class WebSocketEngine(Engine):
 
     websocket-client has no incoming message size limit (unlike `websockets`, 1 MiB by default), so
     the multi-megabyte frames providers have been seen to send are accepted as they are.
+
+    Text frames are checked for UTF-8 here with the C codec (`_text()`), not by websocket-client: without
+    the unmaintained `wsaccel` its validator is a per-byte Python loop, which at a few kB of base64 audio per
+    delta was most of the daemon's CPU under load. A bad frame still ends the connection as before.
     """
 
     log_name = "engine"
@@ -209,7 +223,8 @@ class WebSocketEngine(Engine):
     def _open(self, url: str, headers: Mapping[str, str] | None = None) -> websocket.WebSocket:
         header = [f"{k}: {v}" for k, v in (headers or {}).items()]
         self._ws = websocket.create_connection(url, timeout=self.connect_timeout, header=header,
-                                               enable_multithread=False, suppress_origin=True)
+                                               enable_multithread=False, suppress_origin=True,
+                                               skip_utf8_validation=True)
         return self._ws
 
     def _recv_json(self, deadline: float) -> Mapping[str, Any]:
@@ -228,7 +243,9 @@ class WebSocketEngine(Engine):
             if opcode != websocket.ABNF.OPCODE_TEXT:
                 continue
             try:
-                message = json.loads(data)
+                message = json.loads(_text(data))
+            except websocket.WebSocketPayloadException:
+                raise
             except ValueError:
                 continue
             if isinstance(message, dict):
@@ -277,7 +294,14 @@ class WebSocketEngine(Engine):
             try:
                 if opcode == websocket.ABNF.OPCODE_TEXT:
                     try:
-                        message = json.loads(data)
+                        text = _text(data)
+                    except websocket.WebSocketPayloadException as exc:  # as websocket-client's own check did
+                        if not self._closing:
+                            self.log.warning("call %s: connection lost: %s", self.call.uuid, self._describe(exc))
+                        self._finish("dropped", clean=False)
+                        break
+                    try:
+                        message = json.loads(text)
                     except ValueError:
                         self.log.warning("call %s: ignoring a non-JSON text frame", self.call.uuid)
                         continue

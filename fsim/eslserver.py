@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import uuid as uuidlib
 from typing import TYPE_CHECKING
 
@@ -348,6 +349,8 @@ class ESLServer:
             sock.sendall(wire.rude_rejection())
             sock.close()
             return
+        with contextlib.suppress(OSError):  # mod_event_socket sets SWITCH_SO_TCP_NODELAY on its listeners
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = ESLConnection(self, sock, addr)
         self.connections.add(conn)
         conn.serve()

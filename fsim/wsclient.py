@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -117,6 +118,7 @@ class MediaBug:
             if self.sw.faults._take_refusal(self.ch.uuid, self.url):
                 raise ConnectionRefusedError(111, "Connection refused")
             sock = gevent.socket.create_connection((host, port), timeout=10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # libwebsockets disables Nagle too
             self._sock = sock
             opts = self._handshake_headers(host, port)
             ws = websocket.WebSocket(enable_multithread=False)

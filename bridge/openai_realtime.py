@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import websocket
+
 from bridge.engine import (
     PCM16,
     PCMU,
@@ -48,6 +50,7 @@ FATAL_CODES = frozenset({"session_expired", "beta_api_shape_disabled", "model_no
                          "insufficient_quota", "session_not_found"})
 # Expected in normal operation (races between our barge-in and the server's own cancel).
 IGNORED_CODES = frozenset({"response_cancel_not_active"})
+_APPEND_HEAD = b'{"type":"input_audio_buffer.append","audio":"'
 _VAD_KEYS = {"server_vad": ("threshold", "prefix_padding_ms", "silence_duration_ms", "idle_timeout_ms"),
              "semantic_vad": ("eagerness",)}
 
@@ -165,8 +168,9 @@ class OpenAIRealtimeEngine(WebSocketEngine):
         return f"fb_{kind}_{self._events}"
 
     def send_audio(self, audio: bytes) -> None:
+        # The hot path (50 per second per call): the same bytes json.dumps would give, without encoding twice.
         if audio:
-            self._send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode("ascii")})
+            self._send(_APPEND_HEAD + base64.b64encode(audio) + b'"}', websocket.ABNF.OPCODE_TEXT)
 
     def send_text(self, text: str) -> None:
         self._send_json({"type": "conversation.item.create", "event_id": self._event_id("text"),

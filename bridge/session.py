@@ -359,7 +359,8 @@ class MediaSession:
 
     def _on_tool(self, call: ToolCall) -> None:
         decision = decide(call, self.info.tools)
-        self.hooks.mark("tool_call", {"name": call.name, "action": decision.action, "refused": decision.is_error})
+        self.hooks.mark("tool_call", {"name": call.name, "arguments": dict(call.arguments),
+                                      "action": decision.action, "refused": decision.is_error})
         if self.engine is not None:
             self.engine.tool_result(call.call_id, decision.result_for_model, decision.is_error)
         if decision.is_error:

@@ -59,7 +59,7 @@ class Call:
     def __post_init__(self) -> None:
         self.record = CallRecord(uuid=self.uuid, did=self.did, caller_id=self.caller_id, route=self.route.name,
                                  engine=self.engine.name)
-        self.record.answered()
+        self.record.answer_time = self.answered_wall  # the "answered" mark itself comes from the controller
 
     @property
     def timeline(self) -> list[tuple[float, str, dict[str, Any]]]:

@@ -25,7 +25,7 @@ from controller.calls import Call
 from controller.config import Config, ConfigError, load_config
 from controller.esl import EslClient, EslSettings
 from controller.httpapi import HttpApi
-from controller.logs import configure_logging
+from controller.logs import configure_logging, register_secret
 from controller.metrics import OUTCOMES, Metrics
 from controller.sdnotify import Notifier
 
@@ -81,7 +81,8 @@ class Daemon:
         elif name == "transcript":
             record.transcript(detail.get("role", ""), detail.get("text", ""))
         elif name == "tool_call":
-            record.tool_call(detail.get("name", ""), result="refused" if detail.get("refused") else "ok")
+            record.tool_call(detail.get("name", ""), detail.get("arguments"),
+                             result="refused" if detail.get("refused") else "ok")
         elif name in ("fork_connect_failed", "fork_error"):
             m.fork_connect_failed(route)
         elif name == "engine_error":
@@ -121,6 +122,7 @@ class Daemon:
         call.record.finish(call.outcome or "completed", call.end_reason)
         if self.records is not None:
             self.records.write(call.record)
+        call.media = None  # its engine and resamplers go now, not when this short history forgets the call
         self.ended_calls.append(call)
         del self.ended_calls[:-100]
 
@@ -153,12 +155,19 @@ class Daemon:
         self.notifier.start_watchdog(lambda: self.bridge.listening and not self.stopped.is_set())
 
     def reload(self, path: str) -> bool:
+        self.notifier.reloading()
         try:
             new = load_config(path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)
             self.metrics.config_reloaded(False)
+            self.notifier.ready("reload refused; running configuration kept")
             return False
+        for secret in new.secrets:
+            register_secret(secret)
+        if self.records is not None:
+            self.records.reopen()  # after logrotate moved the file
+        self.notifier.ready(f"reloaded: {len(new.routes)} route(s)")
         self.metrics.config_reloaded(True)
         self.metrics.declare_routes((r.name, r.engine) for r in new.routes)
         self.config = new

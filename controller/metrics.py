@@ -66,7 +66,7 @@ class Metrics:
 
         # ---- calls
         self.calls_active = Gauge(
-            "forkbridge_calls_active", "Calls currently handled (fork started, not yet hung up), by route.",
+            "forkbridge_calls_active", "Calls currently handled (answered and ours, not yet ended), by route.",
             ["route"], registry=r)
         self.calls_total = Counter(
             "forkbridge_calls", "Finished calls by route, engine and outcome "
@@ -99,14 +99,14 @@ class Metrics:
         # ---- failures
         self.fork_connect_failures = Counter(
             "forkbridge_fork_connect_failures",
-            "uuid_audio_fork starts that did not reach the bridge (mod_audio_fork::connect_failed, "
-            "or no connection in time).", ["route"], registry=r)
+            "Fork starts that did not reach the bridge (mod_audio_fork::connect_failed, "
+            "mod_audio_stream::error).", ["route"], registry=r)
         self.engine_errors = Counter(
             "forkbridge_engine_errors", "Errors reported by or about an AI engine, by engine and error code.",
             ["engine", "code"], registry=r)
         self.ws_refusals = Counter(
             "forkbridge_ws_refusals", "WebSocket connections or frames refused by the bridge, by reason "
-            "(bad_path, bad_token, unknown_call, oversized_frame, malformed_frame, ...).",
+            "(not_websocket, bad_path, no_token, bad_token, expired, replayed, unknown_call, oversized_frame).",
             ["reason"], registry=r)
 
         # ---- ESL
@@ -125,8 +125,8 @@ class Metrics:
             "forkbridge_audio_bytes", "Audio payload bytes moved by the bridge (in: from the caller, "
             "out: towards the caller).", ["direction"], registry=r)
         self.playback_chunks = Counter(
-            "forkbridge_playback_chunks", "Audio chunks queued for playback to callers (spooled files "
-            "in broadcast mode, paced frames in stream mode).", ["route"], registry=r)
+            "forkbridge_playback_chunks", "Audio chunks queued for playback to callers (spooled files, "
+            "broadcast mode).", ["route"], registry=r)
         self.playback_underruns = Counter(
             "forkbridge_playback_underruns", "Playback ran dry mid-response (the caller heard a gap).",
             ["route"], registry=r)

@@ -275,18 +275,9 @@ def test_daemon_subprocess_one_call(tmp_path: Path, fmt: str) -> None:
     assert times == sorted(times)
     assert record["latencies"].get("first_audio"), record["latencies"]
 
-    # ---- known bugs, reported and left strict: xfail only on their exact signature, after every other check
-    known = []
+    # stderr holds nothing but log lines (json: one object per line), even after "stopped"
     stray = [line for line in stderr.splitlines() if _LEAK_LINE.match(line)]
-    if stray:  # stderr must hold nothing but log lines (json: one object per line)
-        known.append("soxr resamplers of ended calls are still referenced at interpreter exit (Call.media is "
-                     "kept after the call ended), so nanobind prints leak warnings to stderr after 'stopped': "
-                     f"not log lines, not JSON; first: {stray[0]!r}")
-    if record["outcome"] == "fallback_hangup" and record["hangup_cause"] == "fork_dropped":
-        known.append("the fork socket closing at the caller's hangup reaches Controller.fork_closed before "
-                     "CHANNEL_HANGUP does, so a plain hangup is recorded as a fallback (fork_dropped)")
-    else:  # a caller hanging up is a completed call, not a fallback
-        assert record["outcome"] == "completed", record["outcome"]
-        assert totals["completed"] == 1
-    if known:
-        pytest.xfail("known bug(s): " + "; ".join(known))
+    assert not stray, stray[:3]
+    # a caller hanging up is a completed call, not a fallback
+    assert record["outcome"] == "completed", record["outcome"]
+    assert totals["completed"] == 1

@@ -84,7 +84,7 @@ def test_bad_peers_are_refused_and_counted_while_a_call_carries_on(tmp_path):
             assert daemon.bridge.refusals.get(reason) == 1, reason
 
         # an oversized frame from an admitted peer: closed and counted
-        sw.faults.refuse_fork(count=2, match=lambda uuid, url: "7200" not in url and uuid != good.uuid)
+        sw.faults.slow_forks(connect_delay=30)  # the second call's own fork stays pending: the peer below is it
         lone = sw.place_call(did="7200", script=CallerScript(audio=Silence(8.0), hangup_after=8.0), rate=16000)
         wait_until(lambda: daemon.controller.calls.get(lone.uuid), what="the second call")
         peer = websocket.create_connection(f"{base}/{lone.uuid}?token={daemon.tokens.mint(lone.uuid)}", timeout=5)

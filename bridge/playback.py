@@ -236,6 +236,8 @@ class StreamPlayer(Player):
         self._pacer: gevent.Greenlet | None = None
         self._sent_ms: dict[str, float] = {}
         self._first_sent_at: dict[str, float] = {}
+        self._clock_start = 0.0  # the pacing clock: when it started and how much it has sent since
+        self._clock_sent_ms = 0.0
 
     def feed(self, pcm: bytes, response_id: str) -> None:
         if response_id != self._buffer_response:
@@ -258,10 +260,12 @@ class StreamPlayer(Player):
             del self._buffer[:size]
 
     def _pace(self) -> None:
-        start = time.monotonic()
-        sent_ms = 0.0
+        """Real time plus LEAD_MS. The clock survives short gaps between engine bursts: a restarted pacer
+        must not send another full lead on top of audio FreeSWITCH has not played yet."""
+        if self._clock_sent_ms - (time.monotonic() - self._clock_start) * 1000.0 <= 0:
+            self._clock_start, self._clock_sent_ms = time.monotonic(), 0.0  # drained: start afresh
         while self._queue:
-            ahead = sent_ms - (time.monotonic() - start) * 1000.0
+            ahead = self._clock_sent_ms - (time.monotonic() - self._clock_start) * 1000.0
             if ahead > self.LEAD_MS:
                 gevent.sleep((ahead - self.LEAD_MS) / 1000.0)
                 continue
@@ -276,7 +280,7 @@ class StreamPlayer(Player):
                 self._queue.clear()
                 return
             ms = self._ms(len(frame))
-            sent_ms += ms
+            self._clock_sent_ms += ms
             self._sent_ms[response_id] = self._sent_ms.get(response_id, 0.0) + ms
 
     @property
@@ -294,6 +298,7 @@ class StreamPlayer(Player):
         if self._pacer is not None:
             self._pacer.kill(block=False)
             self._pacer = None
+        self._clock_sent_ms = 0.0  # FreeSWITCH's buffer is cleared with it
         with contextlib.suppress(Exception):
             self.send_text('{"type":"killAudio"}')
         response = self.current or self._buffer_response

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -16,8 +17,11 @@ from urllib.parse import parse_qs
 from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.server import WebSocketServer
 
+from bridge import wsframes
 from bridge.session import MediaSession
 from bridge.tokens import TokenBook
+
+wsframes.install()
 
 log = logging.getLogger("forkbridge.bridge")
 
@@ -79,6 +83,8 @@ class BridgeServer:
         if self.lookup(uuid) is None:
             return self._refuse(environ, "unknown_call")
         environ["forkbridge.uuid"] = uuid
+        # Streamed audio and killAudio go out as small frames: never hold them back for Nagle.
+        handler.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return False
 
     def _app(self, environ: dict[str, Any], start_response: Callable) -> list[bytes]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import socket
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -69,6 +70,11 @@ class EslConnection(InboundESL):
         self.lost = gevent.event.Event()
         self.lost_reason = ""
         self._send_lock = gevent.lock.Semaphore()
+
+    def connect(self) -> None:
+        super().connect()
+        # A uuid_break must not wait behind the previous command's ACK (Nagle + delayed ACK: up to 40 ms).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _read_exact(self, length: int) -> str:
         """Read a body; a short read means the peer is gone (greenswitch would spin here forever)."""

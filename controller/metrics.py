@@ -124,6 +124,8 @@ class Metrics:
         self.audio_bytes = Counter(
             "forkbridge_audio_bytes", "Audio payload bytes moved by the bridge (in: from the caller, "
             "out: towards the caller).", ["direction"], registry=r)
+        self._audio_children = {d: (self.audio_frames.labels(direction=d), self.audio_bytes.labels(direction=d))
+                                for d in DIRECTIONS}
         self.playback_chunks = Counter(
             "forkbridge_playback_chunks", "Audio chunks queued for playback to callers (spooled files, "
             "broadcast mode).", ["route"], registry=r)
@@ -209,10 +211,13 @@ class Metrics:
         self.esl_reconnects.inc()
 
     def audio(self, direction: str, nbytes: int, frames: int = 1) -> None:
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
-        self.audio_frames.labels(direction=direction).inc(frames)
-        self.audio_bytes.labels(direction=direction).inc(nbytes)
+        """Called per frame: the labelled children are looked up once, not on every call."""
+        try:
+            frames_counter, bytes_counter = self._audio_children[direction]
+        except KeyError:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}") from None
+        frames_counter.inc(frames)
+        bytes_counter.inc(nbytes)
 
     def playback_chunk(self, route: str | None, chunks: int = 1) -> None:
         self.playback_chunks.labels(route=self.route(route)).inc(chunks)

@@ -91,3 +91,18 @@ def test_background_job_result_is_the_body():
     text = "Event-Name: BACKGROUND_JOB\nJob-UUID: abc\nContent-Length: 12\n\n+OK Success\n"
     event = parse_plain_event(text)
     assert event.get("Job-UUID") == "abc" and event.body == "+OK Success\n"
+
+
+def test_websocket_unmasking_matches_rfc6455():
+    import os
+
+    from bridge.wsframes import unmask
+
+    class Header:
+        mask = b"\x37\xfa\x21\x3d"
+
+    payload = os.urandom(1003)
+    expected = bytes(b ^ Header.mask[i % 4] for i, b in enumerate(payload))
+    assert unmask(Header(), payload) == expected
+    assert unmask(Header(), unmask(Header(), payload)) == payload
+    assert unmask(Header(), b"") == b""

@@ -35,6 +35,7 @@ class Heard:
     response_id: str
     played_ms: int
     received_ms: int
+    dropped: tuple[str, ...] = ()  # every response whose audio must never be played now (this one included)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class BroadcastPlayer(Player):
 
     def playback_started(self, path: str) -> None:
         if path in self._cancelled:
-            self.control.break_all()  # it had left FreeSWITCH's queue before our break: stop it too
+            self.control.break_current()  # it left FreeSWITCH's queue just before our break: stop it alone
             return
         chunk = self._chunks.get(path)
         if chunk is None:
@@ -187,13 +188,16 @@ class BroadcastPlayer(Player):
         if not self.playing:
             return None
         self.control.break_all()
-        response = self.current or self._pending_response
-        heard = self._heard_ms.get(response, 0.0)
-        for path in list(self._order):
-            chunk = self._chunks[path]
-            if chunk.started_at and not chunk.finished and chunk.response_id == response:
-                heard += self._elapsed_ms(chunk)
-                chunk.finished = True
+        # The reply being heard is the one whose chunk is playing; later replies may already be queued
+        # behind it (or be pending here): all of them are dropped, none of them was heard.
+        playing = next((self._chunks[p] for p in self._order if self._chunks[p].started_at), None)
+        queued = [self._chunks[p].response_id for p in self._order]
+        dropped = tuple(dict.fromkeys([*queued, *([self._pending_response] if self._pending else [])]))
+        response = playing.response_id if playing else (dropped[0] if dropped else self.current)
+        heard = self._heard_ms.get(response, 0.0) if playing else 0.0
+        if playing is not None and not playing.finished:
+            heard += self._elapsed_ms(playing)
+            playing.finished = True
         self._pending.clear()
         if self._flush_timer is not None:
             self._flush_timer.kill(block=False)
@@ -206,7 +210,7 @@ class BroadcastPlayer(Player):
                 self._cancelled.add(path)
                 _remove(path)
         received = self.received_ms.get(response, 0.0)
-        return Heard(response, int(min(heard, received)), int(received))
+        return Heard(response, int(min(heard, received)), int(received), dropped or (response,))
 
     def close(self) -> None:
         if self._flush_timer is not None:
@@ -230,6 +234,7 @@ class StreamPlayer(Player):
         self.send_binary = send_binary
         self.send_text = send_text
         self.frame_bytes = int(self.bytes_per_ms * self.FRAME_MS)
+        self.prebuffer_ms = 1280 * 1000.0 / rate
         self._queue: list[tuple[str, bytes]] = []
         self._buffer = bytearray()
         self._buffer_response = ""
@@ -293,6 +298,7 @@ class StreamPlayer(Player):
     def stop(self) -> Heard | None:
         if not self.playing:
             return None
+        queued = [rid for rid, _frame in self._queue]
         self._queue.clear()
         self._buffer.clear()
         if self._pacer is not None:
@@ -301,12 +307,15 @@ class StreamPlayer(Player):
         self._clock_sent_ms = 0.0  # FreeSWITCH's buffer is cleared with it
         with contextlib.suppress(Exception):
             self.send_text('{"type":"killAudio"}')
+        dropped = tuple(dict.fromkeys([self.current, *queued, self._buffer_response] if self.current
+                                      else [*queued, self._buffer_response]))
         response = self.current or self._buffer_response
         first = self._first_sent_at.get(response)
-        played = 0.0 if first is None else (time.monotonic() - first) * 1000.0
-        played = min(played, self._sent_ms.get(response, 0.0))
+        # FreeSWITCH holds back 1280 samples before it starts playing streamed audio (mod_audio_fork §6)
+        played = 0.0 if first is None else (time.monotonic() - first) * 1000.0 - self.prebuffer_ms
+        played = max(0.0, min(played, self._sent_ms.get(response, 0.0)))
         received = self.received_ms.get(response, 0.0)
-        return Heard(response, int(min(played, received)), int(received))
+        return Heard(response, int(min(played, received)), int(received), tuple(r for r in dropped if r))
 
     def close(self) -> None:
         self._queue.clear()

@@ -44,7 +44,9 @@ from bridge.tools import build_tool_specs, decide
 
 log = logging.getLogger("forkbridge.bridge")
 
-SILENCE_WRITER = "silence_stream://-1"  # gives a parked leg a writer so streamed audio is played out
+# Caller audio goes to the engine in 40 ms pieces (two 20 ms frames): half the resampler calls, socket writes
+# and JSON/base64 envelopes of forwarding every frame, for at most 20 ms more on the way to the engine's VAD.
+ENGINE_CHUNK_MS = 40
 HANGUP_AFTER_PLAYBACK_MAX = 10.0  # seconds a goodbye may still play before the model's hangup happens
 
 
@@ -167,11 +169,13 @@ class MediaSession:
         if self.options.playback == "stream":
             self.player = StreamPlayer(self._send_binary, self._send_text, self.info.sample_rate,
                                        on_first_heard=self._first_heard, on_underrun=self._underrun)
-            self.control.play(SILENCE_WRITER)
+            self.control.keep_writing()
             early, self._early_audio = self._early_audio, []
             for audio, response_id in early:
                 self.player.feed(audio, response_id)
         first_audio = True
+        batch = bytearray()
+        batch_bytes = int(self.info.sample_rate * 2 * ENGINE_CHUNK_MS / 1000)
         while not self._closed:
             try:
                 message = ws.receive()
@@ -193,11 +197,16 @@ class MediaSession:
                 self.hooks.mark("first_caller_audio", {"bytes": len(message)})
             if self.stats is not None:
                 self.stats.audio_in(len(message))
-            if self._in is not None and self.engine is not None:
-                try:
-                    self.engine.send_audio(self._in.convert(bytes(message)))
-                except Exception:
-                    self.log.debug("send_audio failed", exc_info=True)
+            if self._in is None or self.engine is None:
+                continue  # the engine is not ready yet: nothing to keep, it hears the caller from now on
+            batch += message
+            if len(batch) < batch_bytes:
+                continue
+            try:
+                self.engine.send_audio(self._in.convert(bytes(batch)))
+            except Exception:
+                self.log.debug("send_audio failed", exc_info=True)
+            batch.clear()
         return "ended"
 
     def _on_text(self, text: str) -> None:
@@ -320,11 +329,11 @@ class MediaSession:
         heard = player.stop()
         if heard is None:
             return
-        self._dropped.add(heard.response_id)
+        self._dropped.update(heard.dropped or (heard.response_id,))
         if self._out is not None:
             self._out.reset()
         if isinstance(player, StreamPlayer):
-            self.control.play(SILENCE_WRITER)  # killAudio also stopped the writer
+            self.control.keep_writing()  # killAudio also stopped the writer
         detail: dict[str, Any] = {"response": heard.response_id, "played_ms": heard.played_ms,
                                   "received_ms": heard.received_ms, "signal_at": started}
         if isinstance(player, StreamPlayer):  # killAudio went out on the socket inside stop()
@@ -366,8 +375,8 @@ class MediaSession:
         if decision.is_error:
             return
         if decision.action == "transfer":
-            self.hooks.mark("model_transfer", {"target": decision.argument})
             self.control.transfer(self.options.transfer_targets[decision.argument])
+            self.hooks.mark("model_transfer", {"target": decision.argument})
         elif decision.action == "hangup":
             self.hooks.mark("model_hangup", {})
             self._hangup_after_playback()

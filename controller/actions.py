@@ -29,10 +29,14 @@ RECONNECT_WAIT = 30.0  # how long a command for a live call waits for ESL to com
 
 class EslCallControl:
     def __init__(self, esl: EslClient, uuid: str, on_sent: Callable[[str, float], None] | None = None,
-                 log: logging.Logger | logging.LoggerAdapter = log) -> None:
+                 log: logging.Logger | logging.LoggerAdapter = log, stop_fork: str = "",
+                 marker: str = "") -> None:
+        self.lost = False  # a command could not be sent (ESL down): the resync after the reconnect redoes it
         self.log = log
         self.esl = esl
         self.uuid = uuid
+        self.stop_fork = stop_fork  # the module's stop command for this call's fork
+        self.marker = marker  # the dialplan's ownership variable, cleared when we let the call go
         self.on_sent = on_sent or (lambda _cmd, _t: None)
         self._queue: deque[tuple[str, str]] = deque()  # (kind, command)
         self._retried: tuple[str, str] | None = None
@@ -58,11 +62,20 @@ class EslCallControl:
                 continue
             kind, command = self._queue.popleft()
             try:
-                reply = self.esl.execute(self.uuid, "playback", command) if kind == "play" else self.esl.api(command)
+                if kind in ("play", "writer"):
+                    # A locked execute runs after the one before it; an unlocked one (the silence writer
+                    # under streamed audio) lets later files play inside it instead of waiting forever.
+                    reply = self.esl.execute(self.uuid, "playback", command, lock=kind == "play")
+                else:
+                    reply = self.esl.api(command)
             except EslError as exc:
                 if self._retry_after_reconnect(kind, command):
                     continue
                 self.log.warning("%s not sent: %s", kind, exc)
+                self.lost = True
+                continue
+            except Exception:  # a bug here must not silently swallow the call's hangup or transfer
+                self.log.exception("%s failed", kind)
                 continue
             self.sent.append(f"{kind} {command}")
             self.on_sent(kind, time.monotonic())
@@ -81,15 +94,35 @@ class EslCallControl:
     def play(self, path: str) -> None:
         self._put("play", path)
 
+    def keep_writing(self) -> None:
+        """Give the parked leg a writer (endless silence): jambonz streamed audio only plays while one runs."""
+        self._put("writer", "silence_stream://-1")
+
     def break_all(self) -> None:
-        remaining = deque(item for item in self._queue if item[0] != "play")
+        remaining = deque(item for item in self._queue if item[0] not in ("play", "writer"))
         self._queue = remaining
         self._put("break", f"uuid_break {self.uuid} all", urgent=True)
+
+    def break_current(self) -> None:
+        """Stop only the file playing now; what is queued behind it plays on."""
+        self._put("break", f"uuid_break {self.uuid}", urgent=True)
 
     def hangup(self, cause: str = "NORMAL_CLEARING") -> None:
         self._put("hangup", f"uuid_kill {self.uuid} {cause}")
 
+    def stop_forking(self) -> None:
+        """Stop the call's fork (once)."""
+        if self.stop_fork:
+            self._put("fork", self.stop_fork)
+            self.stop_fork = ""
+
     def transfer(self, target: str) -> None:
+        """Hand the call over: silence, stop the fork, clear our marker (a resync must never take the call
+        back from whoever has it now), then transfer."""
+        self.break_all()
+        self.stop_forking()
+        if self.marker:
+            self._put("setvar", f"uuid_setvar {self.uuid} {self.marker} released")
         self._put("transfer", f"uuid_transfer {self.uuid} {target}")
 
     def send_dtmf(self, digits: str) -> None:
@@ -97,10 +130,6 @@ class EslCallControl:
 
     def setvar(self, name: str, value: str) -> None:
         self._put("setvar", f"uuid_setvar {self.uuid} {name} {value}")
-
-    def fork_command(self, command: str) -> None:
-        """A raw module sub-command for this call (e.g. `uuid_audio_fork <uuid> stop forkbridge`)."""
-        self._put("fork", command)
 
     def drain(self, timeout: float) -> None:
         """Wait until what is queued has been sent (used before a fallback transfer or hangup)."""

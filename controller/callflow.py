@@ -35,7 +35,7 @@ CUSTOM = ("mod_audio_fork::connect", "mod_audio_fork::connect_failed", "mod_audi
           "mod_audio_fork::error", "mod_audio_fork::buffer_overrun",
           "mod_audio_stream::connect", "mod_audio_stream::disconnect", "mod_audio_stream::error")
 PROMPT_WAIT = 15.0  # the longest we let a fallback prompt play before acting anyway
-HANGUP_RACE_WAIT = 0.5  # how long a fork close waits for the CHANNEL_HANGUP it may have beaten
+HANGUP_RACE_WAIT = 1.5  # how long a fork close waits for the CHANNEL_HANGUP it may have beaten
 
 
 class Controller:
@@ -100,7 +100,13 @@ class Controller:
         marker = event.get(f"variable_{self.config.esl.marker_variable}")
         if marker.lower() != "true":
             return None
-        return self.config.route_for(event.get("Caller-Destination-Number"))
+        did = self._did(event)
+        route = self.config.route_for(did)
+        if route is None:  # not ours to touch, but the caller is parked in silence: say so loudly
+            call_logger(event.uuid, did).warning(
+                "the dialplan marked this call as ours but no route matches DID %s: it stays parked until the "
+                "dialplan's park_timeout; align dialplan/forkbridge.xml with the routes", did)
+        return route
 
     def _on_answer(self, event: Event) -> None:
         if self.calls.get(event.uuid) is not None:
@@ -108,16 +114,22 @@ class Controller:
         route = self._owned_route(event)
         if route is None:
             return
-        self.take(event.uuid, event.get("Caller-Destination-Number"), event.get("Caller-Caller-ID-Number"), route)
+        self.take(event.uuid, self._did(event), event.get("Caller-Caller-ID-Number"), route)
 
-    def take(self, uuid: str, did: str, caller_id: str, route: Route) -> Call:
+    @staticmethod
+    def _did(event: Event) -> str:
+        """The dialled number: the dialplan's normalised capture (forkbridge_did) if it set one."""
+        return event.get("variable_forkbridge_did") or event.get("Caller-Destination-Number")
+
+    def take(self, uuid: str, did: str, caller_id: str, route: Route, stale_fork: bool = False) -> Call:
         engine_cfg = self.config.engines[route.engine]
         call = Call(uuid=uuid, did=did, caller_id=caller_id, route=route, engine=engine_cfg)
         call.log = call_logger(uuid, did, route=route.name)
         self.calls.add(call)
         assert self.esl is not None
         call.control = EslCallControl(self.esl, uuid, on_sent=lambda kind, t: self._sent(call, kind, t),
-                                      log=call.log)
+                                      log=call.log, stop_fork=self._stop_fork_command(call),
+                                      marker=self.config.esl.marker_variable)
         self._mark(call, "answered", did=did, route=route.name)
         call.log.info("answered: ours, route %s, engine %s", route.name, engine_cfg.name)
         if self.draining:
@@ -136,7 +148,8 @@ class Controller:
         call.media = MediaSession(info, options, call.control, hooks, stats=self.stats, log=call.log)
         call.dtmf_handler = DtmfHandler(route.dtmf, lambda action: self._dtmf_action(call, action))
         call.media.start()  # engine opens now, in parallel with the fork
-        gevent.spawn(self._start_fork, call)
+        # A call picked up after a restart may still carry our old fork: a second start would fail (or worse).
+        gevent.spawn(self.refork if stale_fork else self._start_fork, call)
         call.timer = gevent.spawn_later(route.max_duration, self._max_duration_reached, call)
         return call
 
@@ -186,6 +199,7 @@ class Controller:
             self.fallback(call, "fork_failed")
             return
         assert self.esl is not None
+        call.expect_fork_close = True  # the socket we are about to stop is not a failure
         with contextlib.suppress(EslError):
             self.esl.api(self._stop_fork_command(call))
         self._start_fork(call)
@@ -203,6 +217,9 @@ class Controller:
     def _fork_gone(self, call: Call, reason: str) -> None:
         """FreeSWITCH closes the fork when the caller hangs up, and that close can beat CHANNEL_HANGUP over
         ESL: give the hangup a moment to arrive (and ask) before treating the close as a failure."""
+        if call.expect_fork_close:
+            call.expect_fork_close = False
+            return
         if call.gone.wait(HANGUP_RACE_WAIT) or not call.live:
             return
         assert self.esl is not None
@@ -237,15 +254,17 @@ class Controller:
 
     # ---- endings --------------------------------------------------------------------------------------
 
-    def _let_go(self, call: Call, outcome: str, reason: str) -> bool:
+    def _let_go(self, call: Call, outcome: str, reason: str, keep_media: bool = False) -> bool:
+        """The call is ending our way. Media teardown runs in its own greenlet: closing an engine socket can
+        block, and this often runs in the ESL handler greenlet that every call's events go through."""
         if not call.move(CallState.ENDING):
             return False
         call.outcome, call.end_reason = outcome, reason
         self._mark(call, "ending", outcome=outcome, reason=reason)
         if call.dtmf_handler is not None:
             call.dtmf_handler.close()
-        if call.media is not None:
-            call.media.close(reason)
+        if call.media is not None and not keep_media:
+            gevent.spawn(call.media.close, reason)
         return True
 
     def fallback(self, call: Call, reason: str) -> None:
@@ -261,7 +280,7 @@ class Controller:
         fallback = call.route.fallback
         control: EslCallControl = call.control
         control.break_all()
-        control.fork_command(self._stop_fork_command(call))
+        control.stop_forking()
         if fallback.prompt:
             done = self._prompt_done.setdefault(call.uuid, gevent.event.Event())
             control.play(fallback.prompt)
@@ -292,8 +311,6 @@ class Controller:
             return
         if call.live:
             call.outcome, call.end_reason = "completed", cause
-            if call.media is not None:
-                call.media.close("hangup")
             if call.dtmf_handler is not None:
                 call.dtmf_handler.close()
         call.state = CallState.ENDED
@@ -306,7 +323,7 @@ class Controller:
         if waiter is not None:
             waiter.set()
         if call.media is not None:
-            call.media.close("hangup")
+            gevent.spawn(call.media.close, "hangup")
         if call.control is not None:
             call.control.close()
         self.calls.remove(call.uuid)
@@ -328,12 +345,18 @@ class Controller:
         live = {row.get("uuid", ""): row for row in rows if isinstance(row, dict)}
         for call in self.calls:
             if call.uuid not in live:
-                self._ended(call, "GONE_DURING_OUTAGE")
+                # FreeSWITCH fills this table asynchronously: ask about the channel itself before letting go
+                with contextlib.suppress(EslError):
+                    if self.esl.api(f"uuid_exists {call.uuid}").strip() == "false":
+                        self._ended(call, "GONE_DURING_OUTAGE")
             elif call.live and call.fork_pending:
                 call.fork_pending = False
                 gevent.spawn(self.refork, call)
+            elif call.state == CallState.ENDING and call.control is not None and call.control.lost:
+                gevent.spawn(self._finish_ending, call)
         for uuid, row in live.items():
-            if self.calls.get(uuid) is not None or row.get("callstate") != "ACTIVE":
+            # only calls still parked by our dialplan: a transferred call is someone else's now
+            if self.calls.get(uuid) is not None or row.get("callstate") != "ACTIVE" or row.get("application") != "park":
                 continue
             route = self.config.route_for(row.get("dest", ""))
             if route is None:
@@ -344,7 +367,21 @@ class Controller:
                 continue
             if marker.strip().lower() == "true" and self.calls.get(uuid) is None:  # its ANSWER may have come
                 call_logger(uuid, row.get("dest", "")).info("answered while ESL was down: picking it up")
-                self.take(uuid, row.get("dest", ""), row.get("cid_num", ""), route)
+                self.take(uuid, row.get("dest", ""), row.get("cid_num", ""), route, stale_fork=True)
+
+    def _finish_ending(self, call: Call) -> None:
+        """A fallback or hangup whose commands were lost with the connection: send its last step again."""
+        assert self.esl is not None
+        fallback = call.route.fallback
+        transfer = fallback.transfer if call.outcome == "fallback_transfer" else ""
+        control = EslCallControl(self.esl, call.uuid, log=call.log, marker=self.config.esl.marker_variable)
+        call.log.warning("ESL came back while the call was ending: sending its %s again",
+                         "transfer" if transfer else "hangup")
+        if transfer:
+            control.transfer(transfer)
+        else:
+            control.hangup(fallback.hangup_cause if call.outcome == "fallback_hangup" else "NORMAL_CLEARING")
+        control.finish()
 
     # ---- shutdown -----------------------------------------------------------------------------------------
 
@@ -370,8 +407,8 @@ class Controller:
             call.mark("bridged")
         elif name == "model_transfer" and self._let_go(call, "transferred", "model_transfer"):
             gevent.spawn_later(0, self._release_after_transfer, call)
-        elif name == "model_hangup":
-            self._let_go(call, "completed", "model_hangup")
+        elif name == "model_hangup":  # the session lets the goodbye play, then hangs up
+            self._let_go(call, "completed", "model_hangup", keep_media=True)
 
     def _sent(self, call: Call, kind: str, when: float) -> None:
         self.observe(call, f"sent_{kind}", {"at": when})

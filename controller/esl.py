@@ -317,9 +317,14 @@ class EslClient:
         """`api <command>`: the body FreeSWITCH answered (e.g. '+OK\\n' or '-ERR No such channel!\\n')."""
         return self._command(f"api {command}", timeout).data or ""
 
-    def execute(self, uuid: str, app: str, arg: str, timeout: float | None = None) -> str:
-        """Queue an application on a channel with `sendmsg` (no lead frames, unlike uuid_broadcast's five)."""
+    def execute(self, uuid: str, app: str, arg: str, lock: bool = True, timeout: float | None = None) -> str:
+        """Queue an application on a channel with `sendmsg` (no lead frames, unlike uuid_broadcast's five).
+
+        `lock` sends `event-lock: true`: without it, the running playback parses the channel's queued events
+        on every frame and would play the next queued file inside itself, newest first."""
         command = f"sendmsg {uuid}\ncall-command: execute\nexecute-app-name: {app}\nexecute-app-arg: {arg}"
+        if lock:
+            command += "\nevent-lock: true"
         return self._command(command, timeout).data or ""
 
     def bgapi(self, command: str, timeout: float | None = None) -> str:

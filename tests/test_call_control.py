@@ -85,7 +85,8 @@ def test_a_local_digit_transfers_without_the_model(tmp_path):
         engine = wait_until(lambda: _engine(daemon, call.uuid), what="the engine session")
         wait_until(lambda: call.transferred_to, what="the transfer")
         assert call.transferred_to.startswith("2000") and engine.texts_received == []
-        assert daemon.controller.calls.get(call.uuid) is None  # no longer ours
+        wait_until(lambda: daemon.controller.calls.get(call.uuid) is None, what="the call to be no longer ours")
+        assert call.variables.get("forkbridge") == "released"  # a resync will never take it back
 
 
 def _engine(daemon, uuid):

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from bridge.audio import Converter  # noqa: E402
 from bridge.engine import PCM16, AudioFormat  # noqa: E402
+from bridge.session import ENGINE_CHUNK_MS  # noqa: E402
 
 PY = sys.executable
 FORKBRIDGE = str(Path(PY).with_name("forkbridge"))
@@ -246,12 +247,17 @@ def run_step(n: int, seconds: float, workdir: Path, profile: str = "") -> dict:
 
 
 def _emit_frames() -> tuple[list[int], list[int]]:
-    """Which 20 ms caller frames make the 16k→24k resampler emit, and its cumulative output bytes after each."""
+    """Which 20 ms caller frames make the daemon send an append, and the cumulative bytes sent after each: the
+    session batches frames to ENGINE_CHUNK_MS before the 16k→24k resampler, which emits in blocks."""
     conv = Converter(AudioFormat(PCM16, 16000), AudioFormat(PCM16, 24000))
-    frame = bytes(FRAME_BYTES)
+    batch_bytes = 16000 * 2 * ENGINE_CHUNK_MS // 1000
+    batch = b""
     idx, cum, total = [], [], 0
     for p in range(60_000):  # 20 minutes of frames
-        out = len(conv.convert(frame))
+        batch += bytes(FRAME_BYTES)
+        if len(batch) < batch_bytes:
+            continue
+        out, batch = len(conv.convert(batch)), b""
         if out:
             total += out
             idx.append(p)

@@ -230,7 +230,7 @@ class ForkBug(MediaBug):
             self._play_audio(data)
         elif mtype == "killAudio":
             self.fire("kill_audio")
-            self.ch.break_playback(flush=False)
+            self.ch.break_playback(flush=False, unwind=False)  # a bare CF_BREAK: the innermost file only
             if self.bidir is not None:
                 self.bidir.clear()
                 self._clear_marks(report=True)

@@ -3,6 +3,10 @@
 The media loop ticks once per packet (ptime) against a monotonic clock, like FreeSWITCH's read loop: each tick
 reads the caller's frame, dequeues DTMF, advances playback (or the lead frames of a queued broadcast) and feeds the
 media bugs. Everything the caller hears goes to ``self.ear``.
+
+Playbacks nest as in FreeSWITCH: a running playback parses the channel's private events on every frame, so an
+execute queued behind one that was not queued with ``event-lock: true`` runs *inside* it (the outer file pauses
+and resumes when the inner one ends). ``self.stack`` holds the running playbacks, outermost first.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class QueuedApp:
     arg: str
     lead_frames: int = 0
     app_uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    event_lock: bool = False  # queued with ``event-lock: true``: nothing queued later runs inside it
 
 
 @dataclass
@@ -188,7 +193,7 @@ class Channel:
         self.queue: collections.deque[QueuedApp] = collections.deque()
         self.leading: QueuedApp | None = None
         self.lead_left = 0
-        self.playing: Playing | None = None
+        self.stack: list[Playing] = []  # running playbacks, outermost first; only the last one is heard
         self.played: list[tuple[str, str]] = []  # (path, status) of every finished playback
         self.temp_files: list[str] = []
         self.answered = gevent.event.Event()
@@ -234,6 +239,11 @@ class Channel:
     @property
     def alive(self) -> bool:
         return not self._dead and self.hangup_cause is None
+
+    @property
+    def playing(self) -> Playing | None:
+        """The innermost running playback (the one the caller hears), or None."""
+        return self.stack[-1] if self.stack else None
 
     @property
     def playing_path(self) -> str | None:
@@ -371,26 +381,55 @@ class Channel:
                 self.ear.dtmf_received.append((d.upper(), now))
 
     # ------------------------------------------------------------------ playback
-    def enqueue(self, app: str, arg: str, lead_frames: int) -> None:
-        self.queue.append(QueuedApp(app, arg, lead_frames))
+    def enqueue(self, app: str, arg: str, lead_frames: int, event_lock: bool = False,
+                app_uuid: str | None = None) -> QueuedApp:  # fmt: skip
+        item = QueuedApp(app, arg, lead_frames, event_lock=event_lock)
+        if app_uuid:
+            item.app_uuid = app_uuid
+        self.queue.append(item)
+        return item
 
-    def break_playback(self, flush: bool) -> None:
-        """``uuid_break`` (flush=all) and killAudio: stop the current file; the lead-frame item survives."""
+    def break_playback(self, flush: bool, unwind: bool = True) -> None:
+        """``uuid_break [all]`` (unwind) and killAudio (a bare CF_BREAK: the innermost file only).
+
+        ``uuid_break`` finds CF_BROADCAST set (every execute dequeued from the private queue sets it) and calls
+        ``switch_channel_stop_broadcast``: CF_BREAK stops the innermost file, then each enclosing execute sees
+        CF_STOP_BROADCAST when its app returns and sets CF_BREAK again, so every nested playback stops. A chunk
+        already dequeued and in its lead frames survives (its execute clears CF_STOP_BROADCAST and the break flag
+        is cleared before it starts), and so do the playbacks it is nested in.
+        """
         if flush:
             self.queue.clear()
-        if self.playing is not None:
+        if self.leading is not None:
+            return
+        if unwind:
+            self._stop_all("break")
+        elif self.playing is not None:
             self._stop_playback("break")
 
+    def _can_dequeue(self) -> bool:
+        """``switch_core_session_dequeue_private_event``: held back while a running execute holds the event lock."""
+        if not self.queue or self.leading is not None or not self.parked or not self.alive:
+            return False
+        return not any(p.item.event_lock for p in self.stack)
+
     def _playback_tick(self, now: float) -> np.ndarray | None:
-        if self.playing is None and self.leading is None and self.queue and self.parked:
-            self.leading = self.queue.popleft()
-            self.lead_left = self.leading.lead_frames
-        if self.leading is not None:
+        # The park loop, and every running playback's frame loop (switch_ivr_parse_all_events), dequeue the next
+        # queued execute; a playback started here parses events before its first frame, so it may nest again.
+        for _ in range(len(self.queue) + 2):
+            if self.leading is None and self._can_dequeue():
+                self.leading = self.queue.popleft()
+                self.lead_left = self.leading.lead_frames
+                self.ear.close("bc", "paused")  # the enclosing file (if any) writes nothing until this one ends
+            if self.leading is None:
+                break
             if self.lead_left > 0:
                 self.lead_left -= 1
                 return None
             item, self.leading = self.leading, None
             self._start_app(item)
+            if not self.alive:
+                return None
         p = self.playing
         if p is None:
             return None
@@ -419,7 +458,7 @@ class Channel:
                 ms = arg.split("://", 1)[1].split(",")[0]
                 total = int(ms) if ms.lstrip("-").isdigit() else -1
                 rem = -1 if total < 0 else max(1, total * self.rate // 1000)
-                self.playing = Playing(item, arg, None, remaining=rem)
+                self.stack.append(Playing(item, arg, None, remaining=rem))
                 self.fire("PLAYBACK_START", [("Playback-File-Type", "silence_stream"), ("Playback-File-Path", arg)])
                 return
             try:
@@ -432,9 +471,9 @@ class Channel:
                 self._execute_complete(app, arg, "PLAYBACK ERROR", item.app_uuid)
                 self.played.append((arg, "error"))
                 return
-            self.playing = Playing(item, arg, resample(samples, src_rate, self.rate))
+            self.stack.append(Playing(item, arg, resample(samples, src_rate, self.rate)))
             self.fire("PLAYBACK_START", [("Playback-File-Path", arg)])
-            if len(self.playing.samples) == 0:
+            if len(samples) == 0:
                 self._stop_playback("done")
         elif app == "hangup":
             self._execute(app, arg, "_none_", item.app_uuid)
@@ -442,11 +481,16 @@ class Channel:
         else:
             self._execute(app, arg, "_none_", item.app_uuid)
 
+    def _stop_all(self, status: str, ear_status: str | None = None) -> None:
+        """Stop every running playback, innermost first (each one's STOP and EXECUTE_COMPLETE in that order)."""
+        for _ in range(len(self.stack)):
+            self._stop_playback(status, ear_status)
+
     def _stop_playback(self, status: str, ear_status: str | None = None) -> None:
-        p = self.playing
-        if p is None:
+        """Stop the innermost playback; the one it was nested in (if any) resumes on the next frame."""
+        if not self.stack:
             return
-        self.playing = None
+        p = self.stack.pop()
         self.ear.close("bc", ear_status or status)
         extra = [("Playback-File-Path", p.path), ("Playback-Status", status)]
         if p.samples is None:
@@ -488,8 +532,7 @@ class Channel:
         self.t_transfer_mono = time.monotonic()
         self.queue.clear()
         self.leading = None
-        if self.playing is not None:
-            self._stop_playback("break")
+        self._stop_all("break")
         if self.parked:
             self.parked = False
             self.fire("CHANNEL_UNPARK")
@@ -529,8 +572,7 @@ class Channel:
         self.variables["hangup_cause"] = cause
         self.variables["sip_hangup_disposition"] = "recv_bye" if by == "caller" else "send_bye"
         self.fire("CHANNEL_HANGUP")  # Hangup-Cause comes with the channel data
-        if self.playing is not None:
-            self._stop_playback("done", ear_status="hangup")
+        self._stop_all("done", ear_status="hangup")
         self.ear.close_all("hangup")
         self.queue.clear()
         self.leading = None

@@ -19,7 +19,7 @@ class Segment:
     end: float  # time.monotonic() after the last frame
     rate: int  # rate of ``samples`` (the channel's codec rate: what the caller's phone got)
     chunks: list[np.ndarray] = field(default_factory=list, repr=False)
-    status: str = "playing"  # playing | done | break | hangup
+    status: str = "playing"  # playing | paused (a file queued later plays inside it) | done | break | hangup
 
     @property
     def samples(self) -> np.ndarray:

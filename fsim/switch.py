@@ -301,9 +301,8 @@ class FSim:
         cc = h.get("call-command", "")
         if cc == "execute":
             ch.enqueue(h.get("execute-app-name", ""), h.get("execute-app-arg", body.decode("utf-8", "replace")),
-                       int(h.get("lead-frames", "0") or 0))  # fmt: skip
-            if h.get("event-uuid"):
-                ch.queue[-1].app_uuid = h["event-uuid"]
+                       int(h.get("lead-frames", "0") or 0), event_lock=_switch_true(h.get("event-lock")),
+                       app_uuid=h.get("event-uuid"))  # fmt: skip
         elif cc == "hangup":
             ch.hangup(h.get("hangup-cause", "NORMAL_CLEARING"), by="switch")
         rec.reply = "+OK"
@@ -311,6 +310,14 @@ class FSim:
 
 
 # ---------------------------------------------------------------------------------------------- API commands
+
+
+def _switch_true(value: str | None) -> bool:
+    """FreeSWITCH's ``switch_true``: yes/on/true/t/enabled/active/allow or a non-zero number."""
+    v = (value or "").strip().lower()
+    if v in ("yes", "on", "true", "t", "enabled", "active", "allow"):
+        return True
+    return v.lstrip("-").isdigit() and int(v) != 0
 
 
 def _uuid_break(sw: FSim, args: str) -> str:

@@ -47,6 +47,7 @@ def test_broadcast_plays_in_order_with_resampling_and_lead_frames(sw, tmp_path):
     call = sw.place_call(rate=8000)
     call.wait_answered(2)
     assert sw.api(f"uuid_broadcast {call.uuid} {a} aleg") == "+OK Message sent\n"
+    sw.wait_for(lambda: len(call.events("PLAYBACK_STOP")) == 1, 3)  # queued while a plays, b would nest in it
     sw.api(f"uuid_broadcast {call.uuid} {b} aleg")
     sw.wait_for(lambda: len(call.events("PLAYBACK_STOP")) == 2, 3)
     segs = call.ear.broadcasts()
@@ -82,8 +83,9 @@ def test_break_without_all_keeps_queue_with_all_flushes(sw, tmp_path):
     call = sw.place_call()
     call.wait_answered(2)
     u = call.uuid
-    for _ in range(3):
-        sw.api(f"uuid_broadcast {u} {a} aleg")
+    for _ in range(3):  # event-locked, so they queue behind each other instead of nesting
+        sw.sendmsg(u, {"call-command": "execute", "execute-app-name": "playback", "execute-app-arg": a,
+                       "event-lock": "true"}, b"")  # fmt: skip
     sw.wait_event("PLAYBACK_START", u, timeout=2)
     sw.api(f"uuid_break {u}")
     assert sw.wait_event("PLAYBACK_STOP", u).get("Playback-Status") == "break"

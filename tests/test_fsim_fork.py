@@ -185,8 +185,9 @@ def test_kill_audio_interrupts_playback_not_queue(sw, server, tmp_path):
     u = call.uuid
     sw.api(f"uuid_audio_fork {u} start {server.url()} mono 8k")
     sw.wait_for(lambda: server.conns, 2)
-    sw.api(f"uuid_broadcast {u} {wav} aleg")
-    sw.api(f"uuid_broadcast {u} {wav} aleg")
+    for _ in range(2):  # event-locked: the second waits in the queue instead of playing inside the first
+        sw.sendmsg(u, {"call-command": "execute", "execute-app-name": "playback", "execute-app-arg": str(wav),
+                       "event-lock": "true"}, b"")  # fmt: skip
     sw.wait_event("PLAYBACK_START", u, timeout=2)
     server.conns[0].send('{"type":"killAudio"}')
     stop = sw.wait_event("PLAYBACK_STOP", u, timeout=2)

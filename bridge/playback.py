@@ -193,8 +193,9 @@ class BroadcastPlayer(Player):
         playing = next((self._chunks[p] for p in self._order if self._chunks[p].started_at), None)
         queued = [self._chunks[p].response_id for p in self._order]
         dropped = tuple(dict.fromkeys([*queued, *([self._pending_response] if self._pending else [])]))
-        response = playing.response_id if playing else (dropped[0] if dropped else self.current)
-        heard = self._heard_ms.get(response, 0.0) if playing else 0.0
+        # Between two chunks nothing is playing: the reply heard last is the one interrupted.
+        response = playing.response_id if playing else (self.current or (dropped[0] if dropped else ""))
+        heard = self._heard_ms.get(response, 0.0)
         if playing is not None and not playing.finished:
             heard += self._elapsed_ms(playing)
             playing.finished = True

@@ -47,6 +47,7 @@ log = logging.getLogger("forkbridge.bridge")
 # Caller audio goes to the engine in 40 ms pieces (two 20 ms frames): half the resampler calls, socket writes
 # and JSON/base64 envelopes of forwarding every frame, for at most 20 ms more on the way to the engine's VAD.
 ENGINE_CHUNK_MS = 40
+PLAYBACK_FAILURES_MAX = 2  # chunks in a row FreeSWITCH could not play before the call falls back
 HANGUP_AFTER_PLAYBACK_MAX = 10.0  # seconds a goodbye may still play before the model's hangup happens
 
 
@@ -95,6 +96,7 @@ class MediaSession:
         self._last_audio = time.monotonic()
         self._speech_stopped_at: float | None = None
         self._greenlets: list[gevent.Greenlet] = []
+        self._playback_failures = 0
         self.transcripts: list[tuple[str, str]] = []
         self.interruptions: list[tuple[str, int | None]] = []
 
@@ -255,11 +257,18 @@ class MediaSession:
             self.engine.send_text(text)
 
     def playback_event(self, name: str, path: str, status: str) -> None:
+        """PLAYBACK_START / PLAYBACK_STOP, or FAILED (FreeSWITCH could not play the file at all)."""
         player = self.player
         if not isinstance(player, BroadcastPlayer) or not player.owns(path):
             return
         if name == "PLAYBACK_START":
+            self._playback_failures = 0
             player.playback_started(path)
+        elif name == "FAILED":
+            player.playback_stopped(path, "failed")
+            self._playback_failures += 1
+            if self._playback_failures >= PLAYBACK_FAILURES_MAX:
+                self._fail("playback_failed", path)
         else:
             player.playback_stopped(path, status)
 

@@ -30,7 +30,8 @@ log = logging.getLogger("forkbridge.controller")
 
 BUGNAME = "forkbridge"
 EVENTS = ("CHANNEL_ANSWER", "CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "DTMF", "PLAYBACK_START",
-          "PLAYBACK_STOP", "BACKGROUND_JOB")
+          "PLAYBACK_STOP", "CHANNEL_EXECUTE_COMPLETE", "BACKGROUND_JOB")
+PLAYBACK_FAILURES = ("FILE NOT FOUND", "PLAYBACK ERROR")
 CUSTOM = ("mod_audio_fork::connect", "mod_audio_fork::connect_failed", "mod_audio_fork::disconnect",
           "mod_audio_fork::error", "mod_audio_fork::buffer_overrun",
           "mod_audio_stream::connect", "mod_audio_stream::disconnect", "mod_audio_stream::error")
@@ -53,6 +54,7 @@ class Controller:
         self.fork_failures = 0
         self.bridge_url = config.bridge_url  # the daemon corrects it once the server knows its port
         self.stats: Any = None  # audio counters handed to each media session
+        self.stream_supported: bool | None = None  # can mod_audio_fork stream audio back? (None: not known yet)
 
     # ---- event dispatch -----------------------------------------------------------------------------
 
@@ -79,8 +81,24 @@ class Controller:
                 waiter.set()
             if call.media is not None:
                 call.media.playback_event(event.name, path, status)
+        elif event.name == "CHANNEL_EXECUTE_COMPLETE":
+            self._on_execute_complete(call, event)
         elif event.name == "CUSTOM":
             self._on_module_event(call, event)
+
+    def _on_execute_complete(self, call: Call, event: Event) -> None:
+        """A file FreeSWITCH could not play (spool permissions, a missing prompt) must not mean silence."""
+        if event.get("Application") != "playback" or event.get("Application-Response") not in PLAYBACK_FAILURES:
+            return
+        path = event.get("Application-Data")
+        call.log.error("FreeSWITCH could not play %s (%s): check that it can read this file",
+                       path, event.get("Application-Response"))
+        self._mark(call, "playback_failed", path=path, response=event.get("Application-Response"))
+        waiter = self._prompt_done.get(call.uuid)
+        if waiter is not None and path == call.route.fallback.prompt:
+            waiter.set()  # go on to the transfer or hangup at once
+        elif call.media is not None:
+            call.media.playback_event("FAILED", path, event.get("Application-Response"))
 
     def _on_module_event(self, call: Call, event: Event) -> None:
         kind = event.subclass.split("::", 1)[-1]
@@ -134,6 +152,11 @@ class Controller:
         call.log.info("answered: ours, route %s, engine %s", route.name, engine_cfg.name)
         if self.draining:
             self.fallback(call, "shutting_down")
+            return call
+        if route.playback == "stream" and self.stream_supported is False:
+            call.log.error("route %s streams audio back, but this FreeSWITCH's mod_audio_fork cannot (it needs the "
+                           "jambonz build); the caller gets the fallback", route.name)
+            self.fallback(call, "stream_unsupported")
             return call
         # A greeting file is played as it is; the engine must not speak a greeting of its own on top of it.
         greeting = "" if route.greeting_file else route.greeting
@@ -334,9 +357,23 @@ class Controller:
 
     # ---- after (re)connecting ---------------------------------------------------------------------------
 
+    def check_modules(self) -> None:
+        """Routes with `playback: stream` need the jambonz mod_audio_fork (its usage text names stop_play);
+        the drachtio build drops audio sent back, which would leave callers in silence."""
+        if not any(route.playback == "stream" for route in self.config.routes):
+            return
+        assert self.esl is not None
+        with contextlib.suppress(EslError):
+            usage = self.esl.api("uuid_audio_fork")
+            self.stream_supported = "stop_play" in usage
+            if not self.stream_supported:
+                log.error("playback: stream routes need the jambonz build of mod_audio_fork; this FreeSWITCH has "
+                          "another (%s): those calls get their fallback", usage.strip()[:60] or "no reply")
+
     def resync(self) -> None:
         """Find live calls we own; clean up those that ended while we were away; re-fork or pick up."""
         assert self.esl is not None
+        self.check_modules()
         try:
             rows = json.loads(self.esl.api("show channels as json") or "{}").get("rows") or []
         except (EslError, ValueError) as exc:

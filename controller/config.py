@@ -566,6 +566,9 @@ def parse_config(text: str, path: str, env: Mapping[str, str]) -> Config:
     url = br.str("url")
     if url and not url.startswith(("ws://", "wss://")):
         br.bad("url", f"expected a ws:// or wss:// address, got {url!r}")
+    elif url and not re.match(r"^wss?://[^/]+:\d+(/|$)", url):
+        br.bad("url", "give an explicit port (the drachtio mod_audio_fork mis-parses a host ending in a digit "
+                      f"without one), e.g. ws://127.0.0.1:8765; got {url!r}")
     secret = br.str("token_secret", required=True)
     if secret and len(secret) < 16:
         br.bad("token_secret", "is too short: use at least 16 characters (e.g. `openssl rand -hex 32`)")

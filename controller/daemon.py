@@ -7,8 +7,10 @@ what they started with; a broken file is refused and the old configuration stays
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -30,6 +32,7 @@ from controller.metrics import OUTCOMES, Metrics
 from controller.sdnotify import Notifier
 
 log = logging.getLogger("forkbridge")
+SPOOL_CHUNK = re.compile(r"[0-9A-Za-z-]{1,64}-\d{5}\.r(8|16)")  # what bridge.playback writes
 
 
 class Daemon:
@@ -56,6 +59,7 @@ class Daemon:
         self.http = HttpApi(config.metrics.listen_host, config.metrics.listen_port, self.metrics, self.ready)
         self.stopped = gevent.event.Event()
         self._reconnects_seen = 0
+        self._shutting_down = False
         self._barge_signals: dict[str, float] = {}  # uuid → when the engine said "caller speaking"
         self.records = CallRecordWriter(config.logging.call_records) if config.logging.call_records else None
         self.notifier = Notifier()
@@ -135,6 +139,7 @@ class Daemon:
 
     def start(self) -> None:
         os.makedirs(self.config.bridge.spool_dir, exist_ok=True)
+        self._clean_spool()
         self.bridge.start()
         bridge = self.config.bridge
         self.controller.bridge_url = bridge.url or f"ws://{bridge.listen_host}:{self.bridge.port}"
@@ -144,6 +149,14 @@ class Daemon:
         log.info("forkbridge listening for FreeSWITCH on %s:%s, ESL %s:%s, %d route(s)",
                  self.config.bridge.listen_host, self.bridge.port, self.config.esl.host, self.config.esl.port,
                  len(self.config.routes))
+
+    def _clean_spool(self) -> None:
+        """Chunks left by a daemon that died mid-call: no call of ours can play them any more."""
+        spool = self.config.bridge.spool_dir
+        for name in os.listdir(spool):
+            if SPOOL_CHUNK.fullmatch(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(spool, name))
 
     def _announce_ready(self) -> None:
         """systemd READY=1 once ESL is connected and the WebSocket server listens; then watchdog pings."""
@@ -176,6 +189,9 @@ class Daemon:
         return True
 
     def shutdown(self, grace: float | None = None) -> None:
+        if self._shutting_down:  # a second SIGTERM while draining changes nothing
+            return
+        self._shutting_down = True
         grace = self.config.daemon.shutdown_grace if grace is None else grace
         log.info("shutting down: draining %d call(s) for up to %.0fs", len(self.controller.calls), grace)
         self.notifier.stopping(f"draining {len(self.controller.calls)} call(s)")

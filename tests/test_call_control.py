@@ -162,3 +162,25 @@ def test_fork_failures_end_in_the_fallback_transfer(tmp_path, fault):
             assert len(fork_starts(sw, call.uuid)) == 2  # one retry, after a stop
             stops = [c for c in sw.commands_for(call.uuid) if c.command == "uuid_audio_fork" and " stop" in c.args]
             assert stops
+
+
+def test_a_prompt_freeswitch_cannot_play_does_not_hold_the_caller(tmp_path):
+    routes = ROUTES.format(dtmf="forward", prompt=tmp_path / "missing.wav").replace("engine: echo", "engine: bot")
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw, engines="bot: {type: echo, refuse: true}",
+                                              routes=routes)) as daemon:
+        call = sw.place_call(did="7100", script=TALKING)
+        # the prompt wait would be 15 s; FreeSWITCH's FILE NOT FOUND moves the fallback on at once
+        wait_until(lambda: call.transferred_to, timeout=8, what="the transfer after the failed prompt")
+        ended = wait_until(lambda: [c for c in daemon.ended_calls if c.uuid == call.uuid], what="the record")
+        assert any(name == "playback_failed" for _, name, _ in ended[0].timeline)
+
+
+def test_stream_playback_on_a_switch_that_cannot_stream_falls_back(tmp_path):
+    routes = ROUTES.format(dtmf="forward", prompt=prompt_file(tmp_path)) + "  playback: stream\n"
+    with FSim(fork_build="drachtio") as sw, running_daemon(config_for(tmp_path, sw, routes=routes)) as daemon:
+        wait_until(lambda: daemon.controller.stream_supported is False, what="the module check")
+        call = sw.place_call(did="7100", script=TALKING)
+        wait_until(lambda: call.transferred_to, what="the fallback transfer")
+        assert fork_starts(sw, call.uuid) == []  # no fork whose replies the caller could never hear
+        ended = wait_until(lambda: [c for c in daemon.ended_calls if c.uuid == call.uuid], what="the record")
+        assert ended[0].end_reason == "stream_unsupported" and ended[0].outcome == "fallback_transfer"

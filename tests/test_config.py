@@ -134,3 +134,9 @@ def test_every_problem_is_reported_and_cli_exits_1(tmp_path, capsys):
     assert err.count("is not defined under engines") == 2
     assert "4 problem(s)" in err
 
+
+
+def test_bridge_url_needs_an_explicit_port(tmp_path):
+    text = GOOD.replace("bridge:\n", "bridge:\n  url: ws://10.0.0.5/calls\n")
+    (found,) = problems(tmp_path, text)
+    assert ":4: bridge.url: give an explicit port" in found

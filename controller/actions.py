@@ -116,10 +116,21 @@ class EslCallControl:
             self._put("fork", self.stop_fork)
             self.stop_fork = ""
 
+    def arm_orphan_timer(self, seconds: float, action: str) -> None:
+        """Ask FreeSWITCH itself to run `action` (the route's fallback transfer or hangup) in `seconds`,
+        replacing the previous timer: if this daemon dies, its callers are not left parked in silence."""
+        group = f"forkbridge-{self.uuid}"
+        self._put("watchdog", f"sched_del {group}")
+        self._put("watchdog", f"sched_api +{int(seconds)} {group} {action}")
+
+    def disarm_orphan_timer(self) -> None:
+        self._put("watchdog", f"sched_del forkbridge-{self.uuid}", urgent=True)
+
     def transfer(self, target: str) -> None:
         """Hand the call over: silence, stop the fork, clear our marker (a resync must never take the call
-        back from whoever has it now), then transfer."""
+        back from whoever has it now), no orphan timer, then transfer."""
         self.break_all()
+        self.disarm_orphan_timer()
         self.stop_forking()
         if self.marker:
             self._put("setvar", f"uuid_setvar {self.uuid} {self.marker} released")

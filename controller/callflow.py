@@ -170,11 +170,29 @@ class Controller:
                              mark=lambda name, detail: self._mark(call, name, **detail))
         call.media = MediaSession(info, options, call.control, hooks, stats=self.stats, log=call.log)
         call.dtmf_handler = DtmfHandler(route.dtmf, lambda action: self._dtmf_action(call, action))
+        self._arm_orphan_timer(call)
         call.media.start()  # engine opens now, in parallel with the fork
         # A call picked up after a restart may still carry our old fork: a second start would fail (or worse).
         gevent.spawn(self.refork if stale_fork else self._start_fork, call)
         call.timer = gevent.spawn_later(route.max_duration, self._max_duration_reached, call)
         return call
+
+    def _arm_orphan_timer(self, call: Call) -> None:
+        timeout = self.config.daemon.orphan_timeout
+        if timeout <= 0 or call.control is None:
+            return
+        fallback = call.route.fallback
+        action = (f"uuid_transfer {call.uuid} {fallback.transfer}" if fallback.transfer
+                  else f"uuid_kill {call.uuid} {fallback.hangup_cause}")
+        call.control.arm_orphan_timer(timeout, action)
+
+    def keep_vouching(self) -> None:
+        """Re-arm every live call's orphan timer well before it fires (run periodically by the daemon)."""
+        if self.esl is None or not self.esl.connected:
+            return
+        for call in self.calls:
+            if call.live:
+                self._arm_orphan_timer(call)
 
     def fork_command(self, call: Call) -> str:
         route = call.route
@@ -314,6 +332,7 @@ class Controller:
         if fallback.transfer:
             control.transfer(fallback.transfer)
         else:
+            control.disarm_orphan_timer()
             control.hangup(fallback.hangup_cause)
         self._mark(call, "fallback_done", action=fallback.action)
         if fallback.transfer:
@@ -349,6 +368,9 @@ class Controller:
             gevent.spawn(call.media.close, "hangup")
         if call.control is not None:
             call.control.close()
+        if cause != "TRANSFERRED" and self.esl is not None and self.config.daemon.orphan_timeout > 0:
+            # the channel is gone or going: its timer would only find nothing, but leave no task behind
+            gevent.spawn(self._quiet_api, f"sched_del forkbridge-{call.uuid}")
         self.calls.remove(call.uuid)
         for token in call.tokens:
             unregister_secret(token)
@@ -405,6 +427,11 @@ class Controller:
             if marker.strip().lower() == "true" and self.calls.get(uuid) is None:  # its ANSWER may have come
                 call_logger(uuid, row.get("dest", "")).info("answered while ESL was down: picking it up")
                 self.take(uuid, row.get("dest", ""), row.get("cid_num", ""), route, stale_fork=True)
+
+    def _quiet_api(self, command: str) -> None:
+        assert self.esl is not None
+        with contextlib.suppress(EslError):
+            self.esl.api(command)
 
     def _finish_ending(self, call: Call) -> None:
         """A fallback or hangup whose commands were lost with the connection: send its last step again."""

@@ -72,6 +72,7 @@ class LoggingConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     shutdown_grace: float = 20.0
+    orphan_timeout: float = 60.0  # FreeSWITCH itself falls a call back this long after we stop vouching for it
 
 
 @dataclass(frozen=True)
@@ -582,8 +583,11 @@ def parse_config(text: str, path: str, env: Mapping[str, str]) -> Config:
     logging_cfg = LoggingConfig(level=lg.choice("level", "info", ("debug", "info", "warning", "error")),
                                 format=lg.choice("format", "text", ("text", "json")),
                                 call_records=lg.str("call_records"))
-    dm = top.section("daemon", ("shutdown_grace",))
-    daemon = DaemonConfig(shutdown_grace=dm.duration("shutdown_grace", 20.0))
+    dm = top.section("daemon", ("shutdown_grace", "orphan_timeout"))
+    daemon = DaemonConfig(shutdown_grace=dm.duration("shutdown_grace", 20.0),
+                          orphan_timeout=dm.duration("orphan_timeout", 60.0))
+    if dm.has("orphan_timeout") and 0 < daemon.orphan_timeout < 10:
+        dm.bad("orphan_timeout", "use at least 10s (or 0 to turn the safety net off)")
 
     engines = _read_engines(reader, top.node("engines"))
     routes = _read_routes(reader, top, engines)

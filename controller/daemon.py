@@ -146,9 +146,18 @@ class Daemon:
         self.esl.start()
         self.http.start()
         gevent.spawn(self._announce_ready)
+        if self.config.daemon.orphan_timeout > 0:
+            gevent.spawn(self._vouch)
         log.info("forkbridge listening for FreeSWITCH on %s:%s, ESL %s:%s, %d route(s)",
                  self.config.bridge.listen_host, self.bridge.port, self.config.esl.host, self.config.esl.port,
                  len(self.config.routes))
+
+    def _vouch(self) -> None:
+        """Every live call's orphan timer in FreeSWITCH is re-armed at a third of its timeout."""
+        while not self.stopped.is_set():
+            self.stopped.wait(self.config.daemon.orphan_timeout / 3)
+            if not self.stopped.is_set():
+                self.controller.keep_vouching()
 
     def _clean_spool(self) -> None:
         """Chunks left by a daemon that died mid-call: no call of ours can play them any more."""

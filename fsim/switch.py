@@ -105,6 +105,8 @@ class FSim:
         self._temp_index = itertools.count(0)
         self._session_ids = itertools.count(1)
         self._pool = gevent.pool.Group()
+        self.tasks: dict[int, tuple[str, gevent.Greenlet]] = {}  # sched_api tasks: id → (group, timer)
+        self._task_ids = itertools.count(1)
         self.started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -128,6 +130,9 @@ class FSim:
         self.esl.stop_listening()
         self.faults.drop_esl("shutdown")
         self._pool.kill(block=True, timeout=2)
+        for _group, timer in self.tasks.values():
+            timer.kill(block=False)
+        self.tasks.clear()
         if self._own_temp:
             _cleanup_temp(self.temp_dir)
         self.started = False
@@ -492,6 +497,38 @@ def _hupall(sw: FSim, args: str) -> str:
     return "+OK\n"
 
 
+def _sched_api(sw: FSim, args: str) -> str:
+    """``sched_api [+@]<time> <group> <command>``: run an API command later (mod_commands' scheduler)."""
+    when, _, rest = args.partition(" ")
+    group, _, command = rest.strip().partition(" ")
+    if not when or not group or not command.strip():
+        return "-USAGE: [+@]<time> <group_name> <command_string>[&]\n"
+    try:
+        delay = float(when.lstrip("+@"))
+    except ValueError:
+        return "-ERR Invalid time\n"
+    if when.startswith("@"):
+        delay = max(0.0, delay - time.time())
+    task_id = next(sw._task_ids)
+    command = command.strip().rstrip("&").strip()
+
+    def run() -> None:
+        sw.tasks.pop(task_id, None)
+        sw.run_api(command, via="sched")
+
+    sw.tasks[task_id] = (group, gevent.spawn_later(delay, run))
+    return f"+OK Added: {task_id}, Group: {group}\n"
+
+
+def _sched_del(sw: FSim, args: str) -> str:
+    """``sched_del <task_id|group>``: cancel scheduled tasks; answers how many."""
+    key = args.strip()
+    doomed = [tid for tid, (group, _g) in sw.tasks.items() if (key.isdigit() and tid == int(key)) or group == key]
+    for tid in doomed:
+        sw.tasks.pop(tid)[1].kill(block=False)
+    return f"+OK Deleted: {len(doomed)}\n"
+
+
 API: dict[str, Callable[[FSim, str], str]] = {
     "uuid_break": _uuid_break,
     "uuid_broadcast": _uuid_broadcast,
@@ -513,6 +550,8 @@ API: dict[str, Callable[[FSim, str], str]] = {
     "hostname": _hostname,
     "version": _version,
     "hupall": _hupall,
+    "sched_api": _sched_api,
+    "sched_del": _sched_del,
 }
 
 

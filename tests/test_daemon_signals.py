@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(tmp_path: Path, esl_port: int, metrics_port: int, dids: str) -> Path:
+def write_config(tmp_path: Path, esl_port: int, metrics_port: int, dids: str, orphan_timeout: str = "60s") -> Path:
     prompt = tmp_path / "hold.wav"
     write_wav(str(prompt), np.zeros(4000, np.int16), 8000)
     path = tmp_path / "forkbridge.yaml"
@@ -36,7 +36,7 @@ def write_config(tmp_path: Path, esl_port: int, metrics_port: int, dids: str) ->
         esl: {{port: {esl_port}, password: ClueCon, command_timeout: 2s, reconnect_max: 500ms}}
         bridge: {{listen: "127.0.0.1:{_free_port()}", spool_dir: "{tmp_path / 'spool'}", token_secret: {SECRET}}}
         metrics: {{listen: "127.0.0.1:{metrics_port}"}}
-        daemon: {{shutdown_grace: 2s}}
+        daemon: {{shutdown_grace: 2s, orphan_timeout: {orphan_timeout}}}
         engines: {{echo: {{type: echo}}}}
         routes:
           - did: {dids}
@@ -118,3 +118,20 @@ def test_sighup_reroutes_new_calls_only_and_a_broken_file_keeps_the_routes(tmp_p
             assert proc.wait(timeout=20) == 0
             output = proc.log_path.read_text()
         assert "reload refused" in output and "engine 'nowhere' is not defined" in output
+
+
+def test_a_daemon_killed_mid_call_does_not_leave_its_caller_parked(tmp_path):
+    port = _free_port()
+    with FSim() as sw:
+        config = write_config(tmp_path, sw.esl_port, port, '"7100"', orphan_timeout="10s")
+        with daemon_process(config, port) as proc:
+            done = sw.place_call(did="7100", script=CallerScript(audio=SpeechLike(bursts=2), hangup_after=3.0))
+            orphan = sw.place_call(did="7100", script=TALKING)
+            wait_until(lambda: forked(orphan) and done.hungup.is_set(), what="one call up, one call over")
+            wait_until(lambda: all(group != f"forkbridge-{done.uuid}" for group, _t in sw.tasks.values()),
+                       what="the finished call's timer to be deleted")
+            proc.kill()  # no drain, no fallback from the daemon
+            proc.wait(timeout=10)
+        # FreeSWITCH's own scheduler runs the route's fallback once the daemon stops vouching for the call
+        wait_until(lambda: orphan.transferred_to, timeout=20, what="the orphaned call's fallback transfer")
+        assert orphan.transferred_to.startswith("1000")

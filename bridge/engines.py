@@ -143,7 +143,9 @@ class WebSocketEngine(Engine):
         self._send_lock = gevent.lock.Semaphore()
         self._closing = False  # close() was called: no more events
         self._finished = False  # Closed was emitted
-        self.log = logging.getLogger(f"forkbridge.engine.{self.log_name}")
+        # the call's uuid and DID on every line, as the controller's call lines carry them
+        self.log = logging.LoggerAdapter(logging.getLogger(f"forkbridge.engine.{self.log_name}"),
+                                         {"call_uuid": call.uuid, "did": call.did})
 
     # -- subclass API ---------------------------------------------------------------------------------
 

@@ -32,6 +32,9 @@ BUGNAME = "forkbridge"
 EVENTS = ("CHANNEL_ANSWER", "CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "DTMF", "PLAYBACK_START",
           "PLAYBACK_STOP", "CHANNEL_EXECUTE_COMPLETE", "BACKGROUND_JOB")
 PLAYBACK_FAILURES = ("FILE NOT FOUND", "PLAYBACK ERROR")
+# mod_audio_fork::error is a message our own server sent; mod_audio_stream::error is a failed connection
+CONNECT_FAILED = ("mod_audio_fork::connect_failed", "mod_audio_stream::error")
+OWN_STOP_WINDOW = 5.0  # seconds during which a fork close is taken to be the stop we just sent
 CUSTOM = ("mod_audio_fork::connect", "mod_audio_fork::connect_failed", "mod_audio_fork::disconnect",
           "mod_audio_fork::error", "mod_audio_fork::buffer_overrun",
           "mod_audio_stream::connect", "mod_audio_stream::disconnect", "mod_audio_stream::error")
@@ -103,14 +106,13 @@ class Controller:
     def _on_module_event(self, call: Call, event: Event) -> None:
         kind = event.subclass.split("::", 1)[-1]
         self._mark(call, f"fork_{kind}", body=event.body[:200])
-        if kind == "connect":
-            return
-        if kind in ("connect_failed", "error"):
+        if event.subclass in CONNECT_FAILED:
             self.fork_failures += 1
             if call.live:
                 gevent.spawn(self._retry_fork, call)
         elif kind == "disconnect" and call.live:
-            self.fallback(call, "fork_dropped")
+            # the same close the bridge saw, or one of ours (mod_audio_stream reports either side's close)
+            gevent.spawn(self._fork_gone, call, "fork_dropped")
 
     # ---- answer → engine + fork -----------------------------------------------------------------------
 
@@ -240,7 +242,7 @@ class Controller:
             self.fallback(call, "fork_failed")
             return
         assert self.esl is not None
-        call.expect_fork_close = True  # the socket we are about to stop is not a failure
+        call.own_stop_until = time.monotonic() + OWN_STOP_WINDOW  # closing the fork we stop is no failure
         with contextlib.suppress(EslError):
             self.esl.api(self._stop_fork_command(call))
         self._start_fork(call)
@@ -258,8 +260,7 @@ class Controller:
     def _fork_gone(self, call: Call, reason: str) -> None:
         """FreeSWITCH closes the fork when the caller hangs up, and that close can beat CHANNEL_HANGUP over
         ESL: give the hangup a moment to arrive (and ask) before treating the close as a failure."""
-        if call.expect_fork_close:
-            call.expect_fork_close = False
+        if time.monotonic() < call.own_stop_until:
             return
         if call.gone.wait(HANGUP_RACE_WAIT) or not call.live:
             return

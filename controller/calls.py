@@ -45,7 +45,7 @@ class Call:
     outcome: str = ""  # completed | fallback_transfer | fallback_hangup | transferred | error
     end_reason: str = ""
     fork_attempts: int = 0
-    expect_fork_close: bool = False  # we stopped the fork ourselves (retry, refork): its close is no failure
+    own_stop_until: float = 0.0  # we stopped the fork ourselves (retry, refork): a close before this is ours
     fork_pending: bool = False  # a fork start that ESL never confirmed (outage): redo after the resync
     record: CallRecord = field(init=False)
     dtmf: list[str] = field(default_factory=list)

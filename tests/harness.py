@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -70,3 +71,16 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
             return value
         gevent.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """n distinct free loopback ports, for processes that must be told their port up front (held together while
+    picked, so they differ)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

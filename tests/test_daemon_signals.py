@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,15 +16,9 @@ import numpy as np
 
 from fsim import CallerScript, FSim, SpeechLike
 from fsim.audio import write_wav
-from tests.harness import SECRET, wait_until
+from tests.harness import SECRET, free_ports, wait_until
 
 TALKING = CallerScript(audio=SpeechLike(bursts=20), hangup_after=30.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path: Path, esl_port: int, metrics_port: int, dids: str, orphan_timeout: str = "60s") -> Path:
@@ -34,7 +27,7 @@ def write_config(tmp_path: Path, esl_port: int, metrics_port: int, dids: str, or
     path = tmp_path / "forkbridge.yaml"
     path.write_text(textwrap.dedent(f"""
         esl: {{port: {esl_port}, password: ClueCon, command_timeout: 2s, reconnect_max: 500ms}}
-        bridge: {{listen: "127.0.0.1:{_free_port()}", spool_dir: "{tmp_path / 'spool'}", token_secret: {SECRET}}}
+        bridge: {{listen: "127.0.0.1:{free_ports()[0]}", spool_dir: "{tmp_path / 'spool'}", token_secret: {SECRET}}}
         metrics: {{listen: "127.0.0.1:{metrics_port}"}}
         daemon: {{shutdown_grace: 2s, orphan_timeout: {orphan_timeout}}}
         engines: {{echo: {{type: echo}}}}
@@ -77,7 +70,7 @@ def forked(call) -> bool:
 
 
 def test_sigterm_drains_live_calls_into_their_fallback_and_exits_0(tmp_path):
-    port = _free_port()
+    port = free_ports()[0]
     with FSim() as sw, daemon_process(write_config(tmp_path, sw.esl_port, port, '"7100"'), port) as proc:
         live = sw.place_call(did="7100", script=TALKING)
         wait_until(lambda: forked(live), what="the live call's fork")
@@ -92,7 +85,7 @@ def test_sigterm_drains_live_calls_into_their_fallback_and_exits_0(tmp_path):
 
 
 def test_sighup_reroutes_new_calls_only_and_a_broken_file_keeps_the_routes(tmp_path):
-    port = _free_port()
+    port = free_ports()[0]
     with FSim() as sw:
         config = write_config(tmp_path, sw.esl_port, port, '"7100"')
         with daemon_process(config, port) as proc:
@@ -121,7 +114,7 @@ def test_sighup_reroutes_new_calls_only_and_a_broken_file_keeps_the_routes(tmp_p
 
 
 def test_a_daemon_killed_mid_call_does_not_leave_its_caller_parked(tmp_path):
-    port = _free_port()
+    port = free_ports()[0]
     with FSim() as sw:
         config = write_config(tmp_path, sw.esl_port, port, '"7100"', orphan_timeout="10s")
         with daemon_process(config, port) as proc:

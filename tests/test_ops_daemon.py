@@ -27,6 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fsim import CallerScript, FSim, Silence, Tone
+from tests.harness import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 DID = "15557654321"
@@ -39,18 +40,6 @@ SECRETS = {
 }
 _DROP_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", *SECRETS)
 _LEAK_LINE = re.compile(r"^(nanobind: |See https://nanobind|\s+- (leaked|\.\.\. skipped))")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (held together while picked, so they differ)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def write_config(tmp_path: Path, esl_port: int, bridge_port: int, metrics_port: int, fmt: str) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -19,6 +18,7 @@ import yaml
 
 from controller.httpapi import HttpApi
 from controller.metrics import Metrics
+from tests.harness import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,12 +107,6 @@ def test_stop_releases_the_port() -> None:
     again.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_prometheus_scrapes_us(api: HttpApi, tmp_path: Path) -> None:
     prometheus = shutil.which("prometheus")
     if prometheus is None:
@@ -133,7 +127,7 @@ def test_real_prometheus_scrapes_us(api: HttpApi, tmp_path: Path) -> None:
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(conf))
     shutil.copy(ROOT / "conf" / "alerts.yml", tmp_path / "alerts.yml")
 
-    web = f"127.0.0.1:{_free_port()}"
+    web = f"127.0.0.1:{free_ports()[0]}"
     log = (tmp_path / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [prometheus, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",

@@ -136,17 +136,10 @@ class ElevenLabsEngine(WebSocketEngine):
     def _handshake(self) -> None:
         deadline = self._deadline()
         self._open(self._url())
-        if not self._send_json(self.initiation()):
-            raise EngineRefused(f"{self.type_name}: connection lost during setup")
-        while True:
-            message = self._recv_json(deadline)
-            kind = message.get("type")
-            if kind == "conversation_initiation_metadata":
-                break
-            if kind == "ping":
-                self._pong(message)
-            elif kind == "error":
-                raise EngineRefused(f"{self.type_name}: {self._error_text(message)}")
+        self._setup_send(self.initiation())
+        message = self._await_setup("conversation_initiation_metadata", deadline,
+                                    lambda m: f"{self.type_name}: {self._error_text(m)}",
+                                    on_other=lambda m: self._pong(m) if m.get("type") == "ping" else None)
         meta = message.get("conversation_initiation_metadata_event") or {}
         self.conversation_id = str(meta.get("conversation_id") or "")
         try:

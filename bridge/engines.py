@@ -18,7 +18,7 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -255,6 +255,23 @@ class WebSocketEngine(Engine):
 
     def _deadline(self) -> float:
         return time.monotonic() + self.connect_timeout
+
+    def _setup_send(self, message: Mapping[str, Any]) -> None:
+        if not self._send_json(message):
+            raise EngineRefused(f"{self.type_name}: connection lost during setup")
+
+    def _await_setup(self, kind: str, deadline: float, refusal: Callable[[Mapping[str, Any]], str],
+                     on_other: Callable[[Mapping[str, Any]], None] | None = None) -> Mapping[str, Any]:
+        """Read setup messages until one of type `kind`; an `error` message refuses the session."""
+        while True:
+            message = self._recv_json(deadline)
+            got = message.get("type")
+            if got == kind:
+                return message
+            if got == "error":
+                raise EngineRefused(refusal(message))
+            if on_other is not None:
+                on_other(message)
 
     def _send_json(self, message: Mapping[str, Any]) -> bool:
         return self._send(json.dumps(message, separators=(",", ":")), websocket.ABNF.OPCODE_TEXT)

@@ -64,6 +64,10 @@ class GenericEngine(WebSocketEngine):
         }
         return message
 
+    def _refusal_text(self, message: Mapping[str, Any]) -> str:
+        text = f"{message.get('code') or 'error'}: {message.get('message') or ''}"
+        return f"{self.type_name}: {scrub(text, self.secrets)[:300]}"
+
     def _handshake(self) -> None:
         url = str(self.config.get("url") or "")
         if not url:
@@ -75,16 +79,8 @@ class GenericEngine(WebSocketEngine):
         token = str(self.config.get("token") or "")
         deadline = self._deadline()
         self._open(url, {"Authorization": f"Bearer {token}"} if token else None)
-        if not self._send_json(self.session_start()):
-            raise EngineRefused(f"{self.type_name}: connection lost during setup")
-        while True:
-            message = self._recv_json(deadline)
-            kind = message.get("type")
-            if kind == "session.started":
-                break
-            if kind == "error":
-                text = f"{message.get('code') or 'error'}: {message.get('message') or ''}"
-                raise EngineRefused(f"{self.type_name}: {scrub(text, self.secrets)[:300]}")
+        self._setup_send(self.session_start())
+        message = self._await_setup("session.started", deadline, self._refusal_text)
         out = message.get("audio_out") or {}
         if out.get("encoding", PROTOCOL_ENCODING) != PROTOCOL_ENCODING or out.get("channels", 1) != 1:
             raise EngineRefused(f"{self.type_name}: unsupported audio_out {json.dumps(out)[:80]}")

@@ -144,15 +144,8 @@ class OpenAIRealtimeEngine(WebSocketEngine):
             raise EngineRefused(self._error_text(first))
         if first.get("type") != "session.created":
             raise EngineRefused(f"{self.type_name}: expected session.created, got {str(first.get('type'))[:60]}")
-        if not self._send_json(update):
-            raise EngineRefused(f"{self.type_name}: connection lost during setup")
-        while True:
-            message = self._recv_json(deadline)
-            kind = message.get("type")
-            if kind == "error":
-                raise EngineRefused(self._error_text(message))
-            if kind == "session.updated":
-                break
+        self._setup_send(update)
+        message = self._await_setup("session.updated", deadline, self._error_text)
         audio = (message.get("session") or {}).get("audio") or {}
         for direction in ("input", "output"):
             echoed = (audio.get(direction) or {}).get("format")

@@ -1,8 +1,10 @@
 """The bench's load generator: fsim (simulated FreeSWITCH) in its own process, with timestamps for the figures.
 
 run.py starts it, starts the daemon against its ESL port, then sends SIGUSR1: the driver places `--calls`
-16 kHz calls at `--rate` calls/s, even-numbered to DID 7101 (broadcast playback, drachtio fork build), odd to 7102
-(stream playback, jambonz build), and prints `ramped <time> <forks connected>` once every fork is connected.
+16 kHz calls at `--rate` calls/s, even-numbered to DID 7101 (broadcast playback), odd to 7102 (stream playback),
+all on one switch with the jambonz build of mod_audio_fork (the daemon asks the switch which build it has and
+sends stream routes to their fallback on any other), and prints `ramped <time> <forks connected>` once every fork
+is connected.
 SIGUSR2 hangs every call up, writes `--out` (JSON) and exits.
 
 Each caller sends, at real time from answer: 2 s of DC at level 60 × (call index + 1) (the fake engine reads the
@@ -121,7 +123,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    sw = BenchFSim(esl_port=args.esl_port, password=args.password, max_call_s=900)
+    sw = BenchFSim(esl_port=args.esl_port, password=args.password, max_call_s=900, fork_build="jambonz")
     sw.start()
     go, stop = gevent.event.Event(), gevent.event.Event()
     gevent.signal_handler(signal.SIGUSR1, go.set)
@@ -148,7 +150,7 @@ def main() -> int:
         stream = i % 2 == 1
         calls.append((i, sw.place_call(did=DID_STREAM if stream else DID_BROADCAST, caller_id=f"+1555{i:07d}",
                                        script=CallerScript(audio=Samples(caller_audio(i), RATE)), rate=RATE,
-                                       ptime_ms=20, fork_build="jambonz" if stream else "drachtio")))
+                                       ptime_ms=20)))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not stop.is_set():
         connected = sum(1 for _i, ch in calls if ch.fork is not None and ch.fork.state == "connected")

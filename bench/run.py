@@ -16,13 +16,21 @@ Figures (one row per step, also written to bench/results.json):
 
 - cpu %/call: daemon utime+stime (/proc/<pid>/stat) over the window, as % of one core, divided by N.
 - KiB/call: (VmRSS at the window's end - VmRSS idle, after ESL connected and before any call) / N.
-- late: caller audio deliveries to the engine that lagged more than 20 ms behind the send of the frame that
-  completed them (the bridge sends one append per fork frame that makes the resampler emit; soxr emits in
-  blocks, so about 3 of 5 frames trigger an append), with the total count. This is the "fell behind real time"
-  measure; gen-late is the same check on the generator (fsim frames sent > 20 ms behind their 20 ms schedule),
-  which says whether the step's load was real.
-- frame→engine p50/p99: caller frame sent by fsim → the append it triggered arriving at the fake. Excludes the
-  resampler's algorithmic hold by construction (the frame that made soxr emit is the reference).
+- late: appends of caller audio that reached the engine more than 20 ms after fsim sent the fork frame that
+  triggered them, with the total count. This is the "fell behind real time" measure; gen-late is the same check
+  on the generator (fsim frames sent > 20 ms behind their 20 ms schedule), which says whether the step's load was
+  real.
+- frame→engine p50/p99: the triggering frame sent by fsim → its append arriving at the fake. The triggering frame
+  is the one that completed the daemon's batch: the session drops caller audio until the engine is ready, then
+  sends each time ENGINE_CHUNK_MS (two frames) or more have accumulated, through the 16k→24k resampler, which
+  emits in blocks (an append goes out when it emits). Which frame that is is replayed per call from the fork
+  messages fsim really sent (sizes and order; a two-frame message after a single frame makes a three-frame batch
+  and shifts every later pair), starting from the first frame the engine heard (read from where the caller's
+  signature ends in the audio), and checked against the running byte count the fake records:
+  appends_mismatched counts appends whose size the replay does not reproduce (0 when the attribution is right).
+  By construction this figure includes no batching wait and no resampler hold: the reference frame is the last
+  one the daemon needed. batch_first_frame_to_engine_ms (JSON only) is the same for the batch's first frame,
+  so it adds the wait for the frame that completes the batch (about 20 ms).
 - audio→playback p50/p99: engine delta sent → playback submitted. Broadcast: the `playback` command for the
   chunk arriving at fsim, from the delta that completed the chunk (or response.done for the flushed tail).
   Stream: the first binary frame of each response arriving at fsim, from the response's first delta (later
@@ -246,23 +254,47 @@ def run_step(n: int, seconds: float, workdir: Path, profile: str = "") -> dict:
 # ---- analysis --------------------------------------------------------------------------------------------------
 
 
-def _emit_frames() -> tuple[list[int], list[int]]:
-    """Which 20 ms caller frames make the daemon send an append, and the cumulative bytes sent after each: the
-    session batches frames to ENGINE_CHUNK_MS before the 16k→24k resampler, which emits in blocks."""
+def _in_cum(frames: int = 60_000) -> list[int]:
+    """Cumulative 24 kHz bytes the 16k→24k converter has produced after n 20 ms caller frames (index n; 20 minutes
+    by default). soxr's output is a function of the input fed so far, whatever the pieces (whole frames), so the
+    daemon's batches only decide when an append is sent, not its size."""
     conv = Converter(AudioFormat(PCM16, 16000), AudioFormat(PCM16, 24000))
+    total, cum = 0, [0]
+    for _ in range(frames):
+        total += len(conv.convert(bytes(FRAME_BYTES)))
+        cum.append(total)
+    return cum
+
+
+def _model_appends(sizes: list[int], first: int, in_cum: list[int]) -> list[tuple[int, int, int]]:
+    """The appends the daemon sends for one call, replaying its batching on the fork messages fsim really sent.
+
+    `sizes`: bytes of each fork message in order; `first`: the message the converter starts with (the daemon
+    drops every message before its engine is ready, then batches from that one). A batch is sent once it holds
+    ENGINE_CHUNK_MS or more (a 2-frame message after a single frame makes a 3-frame batch, which shifts every
+    later pair: that is why the batch phase comes from the messages, not from the first frame's parity); it
+    makes an append when the converter emits. Returns (message that completed the batch, the batch's first
+    message, cumulative bytes sent) per append."""
     batch_bytes = 16000 * 2 * ENGINE_CHUNK_MS // 1000
-    batch = b""
-    idx, cum, total = [], [], 0
-    for p in range(60_000):  # 20 minutes of frames
-        batch += bytes(FRAME_BYTES)
-        if len(batch) < batch_bytes:
+    out: list[tuple[int, int, int]] = []
+    pending = frames = sent = 0
+    start = first
+    for i in range(first, len(sizes)):
+        if not sizes[i]:
             continue
-        out, batch = len(conv.convert(batch)), b""
-        if out:
-            total += out
-            idx.append(p)
-            cum.append(total)
-    return idx, cum
+        if not pending:
+            start = i
+        pending += sizes[i]
+        if pending < batch_bytes:
+            continue
+        frames += pending // FRAME_BYTES
+        pending = 0
+        if frames >= len(in_cum):
+            break
+        if in_cum[frames] > sent:
+            sent = in_cum[frames]
+            out.append((i, start, sent))
+    return out
 
 
 def _out_cum(delta_bytes: int, count: int) -> list[int]:
@@ -282,12 +314,13 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def analyse(fake: dict, driver: dict, t1: float, t2: float) -> dict:
-    emit_idx, emit_cum = _emit_frames()
+    in_cum = _in_cum()
     cfg = fake["config"]
     n_deltas = cfg["resp_ms"] // cfg["delta_ms"]
     out_cum = _out_cum(cfg["delta_bytes"], n_deltas)
     sessions = {s["sig"]: s for s in fake["sessions"] if s["sig"] is not None}
     in_lat: list[float] = []
+    batch_lat: list[float] = []
     gen_late = gen_total = mismatched = unmatched = 0
     bc_lat: list[float] = []
     st_lat: list[float] = []
@@ -298,7 +331,9 @@ def analyse(fake: dict, driver: dict, t1: float, t2: float) -> dict:
         frames = call["frames"]
         # generator: each fork frame against its 20 ms schedule (best case = the earliest-relative frame)
         sent: list[float] = []
+        msg_first: list[int] = []  # index in `sent` of each message's first frame
         for t, nbytes in frames:
+            msg_first.append(len(sent))
             sent.extend([t] * max(1, nbytes // FRAME_BYTES))
         if sent:
             sched = np.asarray(sent) - 0.02 * np.arange(len(sent))
@@ -310,16 +345,18 @@ def analyse(fake: dict, driver: dict, t1: float, t2: float) -> dict:
         if s is None or s["edge"] is None or call["first_tick"] is None or not sent:
             unmatched += 1
             continue
-        # frame → engine
+        # frame → engine: replay the daemon's batching on this call's own messages (see _model_appends)
         offset = round((SIG_FRAMES * 480 - s["edge"]) / 480)  # caller frames before the converter's first
-        for j, (ta, cum) in enumerate(zip(s["append_t"], s["append_cum"], strict=True)):
-            if j >= len(emit_idx):
-                break
-            if cum != emit_cum[j]:
+        first = bisect.bisect_left(msg_first, offset - call["first_tick"])
+        model = _model_appends([nbytes for _t, nbytes in frames], first, in_cum)
+        mismatched += max(0, len(s["append_cum"]) - len(model))  # appends the replay cannot account for
+        for (ta, cum), (i, i0, want) in zip(zip(s["append_t"], s["append_cum"], strict=True), model, strict=False):
+            if cum != want:
                 mismatched += 1
-            m = emit_idx[j] + offset - call["first_tick"]
-            if 0 <= m < len(sent) and t1 <= sent[m] <= t2:
-                in_lat.append((ta - sent[m]) * 1000.0)
+            t_done = frames[i][0]
+            if t1 <= t_done <= t2:
+                in_lat.append((ta - t_done) * 1000.0)
+                batch_lat.append((ta - frames[i0][0]) * 1000.0)
         responses = s["responses"]
         starts = [r["deltas_t"][0] if r["deltas_t"] else float("inf") for r in responses]
 
@@ -372,6 +409,8 @@ def analyse(fake: dict, driver: dict, t1: float, t2: float) -> dict:
         "generator_late_frames": gen_late, "generator_frames": gen_total,
         "calls_unmatched": unmatched, "appends_mismatched": mismatched,
         "frame_to_engine_ms": {"p50": pct(in_lat, 50), "p99": pct(in_lat, 99), "max": pct(in_lat, 100)},
+        "batch_first_frame_to_engine_ms": {"p50": pct(batch_lat, 50), "p99": pct(batch_lat, 99),
+                                           "max": pct(batch_lat, 100)},
         "audio_to_playback_ms": {
             "broadcast": {"p50": pct(bc_lat, 50), "p99": pct(bc_lat, 99), "n": len(bc_lat)},
             "stream": {"p50": pct(st_lat, 50), "p99": pct(st_lat, 99), "n": len(st_lat),

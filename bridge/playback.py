@@ -144,6 +144,9 @@ class BroadcastPlayer(Player):
         self.on_chunk(chunk.duration_ms)
 
     # ---- what FreeSWITCH reports ----
+    def cancelled(self, path: str) -> bool:
+        return path in self._cancelled
+
     def owns(self, path: str) -> bool:
         return path in self._chunks or path in self._cancelled
 
@@ -193,8 +196,14 @@ class BroadcastPlayer(Player):
         playing = next((self._chunks[p] for p in self._order if self._chunks[p].started_at), None)
         queued = [self._chunks[p].response_id for p in self._order]
         dropped = tuple(dict.fromkeys([*queued, *([self._pending_response] if self._pending else [])]))
-        # Between two chunks nothing is playing: the reply heard last is the one interrupted.
-        response = playing.response_id if playing else (self.current or (dropped[0] if dropped else ""))
+        # Between two chunks nothing plays: the interrupted reply is the last one heard if more of it is
+        # queued, else the next one (of which nothing was heard).
+        if playing is not None:
+            response = playing.response_id
+        elif self.current in dropped or not dropped:
+            response = self.current
+        else:
+            response = dropped[0]
         heard = self._heard_ms.get(response, 0.0)
         if playing is not None and not playing.finished:
             heard += self._elapsed_ms(playing)

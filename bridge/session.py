@@ -256,6 +256,10 @@ class MediaSession:
         if self.engine_ready.wait(5.0) and self.engine is not None and not self._closed:
             self.engine.send_text(text)
 
+    def deleted_chunk(self, path: str) -> bool:
+        """A chunk we removed ourselves after a barge-in (FreeSWITCH then reports FILE NOT FOUND for it)."""
+        return isinstance(self.player, BroadcastPlayer) and self.player.cancelled(path)
+
     def playback_event(self, name: str, path: str, status: str) -> None:
         """PLAYBACK_START / PLAYBACK_STOP, or FAILED (FreeSWITCH could not play the file at all)."""
         player = self.player
@@ -264,6 +268,8 @@ class MediaSession:
         if name == "PLAYBACK_START":
             self._playback_failures = 0
             player.playback_started(path)
+        elif name == "FAILED" and status == "cancelled":
+            player.playback_stopped(path, "failed")
         elif name == "FAILED":
             player.playback_stopped(path, "failed")
             self._playback_failures += 1

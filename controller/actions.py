@@ -32,6 +32,7 @@ class EslCallControl:
                  log: logging.Logger | logging.LoggerAdapter = log, stop_fork: str = "",
                  marker: str = "") -> None:
         self.lost = False  # a command could not be sent (ESL down): the resync after the reconnect redoes it
+        self._may_arm = True
         self.log = log
         self.esl = esl
         self.uuid = uuid
@@ -119,11 +120,16 @@ class EslCallControl:
     def arm_orphan_timer(self, seconds: float, action: str) -> None:
         """Ask FreeSWITCH itself to run `action` (the route's fallback transfer or hangup) in `seconds`,
         replacing the previous timer: if this daemon dies, its callers are not left parked in silence."""
+        if not self._may_arm:
+            return
         group = f"forkbridge-{self.uuid}"
         self._put("watchdog", f"sched_del {group}")
         self._put("watchdog", f"sched_api +{int(seconds)} {group} {action}")
 
     def disarm_orphan_timer(self) -> None:
+        """For good: a re-arm still queued would put the timer back on a call that is no longer ours."""
+        self._may_arm = False
+        self._queue = deque(item for item in self._queue if item[0] != "watchdog")
         self._put("watchdog", f"sched_del forkbridge-{self.uuid}", urgent=True)
 
     def transfer(self, target: str) -> None:

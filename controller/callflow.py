@@ -17,7 +17,7 @@ import gevent
 import gevent.event
 
 from bridge.engine import CallInfo
-from bridge.session import MediaOptions, MediaSession, SessionHooks
+from bridge.session import HANGUP_AFTER_PLAYBACK_MAX, MediaOptions, MediaSession, SessionHooks
 from bridge.tokens import TokenBook
 from controller.actions import EslCallControl
 from controller.calls import Call, CallRegistry, CallState
@@ -94,6 +94,9 @@ class Controller:
         if event.get("Application") != "playback" or event.get("Application-Response") not in PLAYBACK_FAILURES:
             return
         path = event.get("Application-Data")
+        if call.media is not None and call.media.deleted_chunk(path):
+            call.media.playback_event("FAILED", path, "cancelled")  # a chunk we dropped at barge-in: expected
+            return
         call.log.error("FreeSWITCH could not play %s (%s): check that it can read this file",
                        path, event.get("Application-Response"))
         self._mark(call, "playback_failed", path=path, response=event.get("Application-Response"))
@@ -179,9 +182,9 @@ class Controller:
         call.timer = gevent.spawn_later(route.max_duration, self._max_duration_reached, call)
         return call
 
-    def _arm_orphan_timer(self, call: Call) -> None:
-        timeout = self.config.daemon.orphan_timeout
-        if timeout <= 0 or call.control is None:
+    def _arm_orphan_timer(self, call: Call, extra: float = 0.0) -> None:
+        timeout = self.config.daemon.orphan_timeout + extra
+        if self.config.daemon.orphan_timeout <= 0 or call.control is None:
             return
         fallback = call.route.fallback
         action = (f"uuid_transfer {call.uuid} {fallback.transfer}" if fallback.transfer
@@ -287,6 +290,7 @@ class Controller:
         elif action.kind == "transfer":
             destination = call.route.tools.transfer_targets.get(action.value, action.value)
             if self._let_go(call, "transferred", "dtmf_transfer"):
+                call.transfer_target = destination
                 call.control.transfer(destination)
                 gevent.spawn(self._release_after_transfer, call)
         elif action.kind == "hangup":
@@ -301,6 +305,8 @@ class Controller:
         block, and this often runs in the ESL handler greenlet that every call's events go through."""
         if not call.move(CallState.ENDING):
             return False
+        # the timer must not fire while the prompt or the goodbye plays: one last, longer arm
+        self._arm_orphan_timer(call, extra=PROMPT_WAIT + HANGUP_AFTER_PLAYBACK_MAX + self.config.esl.command_timeout)
         call.outcome, call.end_reason = outcome, reason
         self._mark(call, "ending", outcome=outcome, reason=reason)
         if call.dtmf_handler is not None:
@@ -331,6 +337,7 @@ class Controller:
         if call.state == CallState.ENDED:
             return
         if fallback.transfer:
+            call.transfer_target = fallback.transfer
             control.transfer(fallback.transfer)
         else:
             control.disarm_orphan_timer()
@@ -416,7 +423,10 @@ class Controller:
                 gevent.spawn(self._finish_ending, call)
         for uuid, row in live.items():
             # only calls still parked by our dialplan: a transferred call is someone else's now
-            if self.calls.get(uuid) is not None or row.get("callstate") != "ACTIVE" or row.get("application") != "park":
+            # still in our park loop (whose last app may show as the playback we queued); a call someone else
+            # transferred runs other apps, and one we handed over has its marker released
+            if self.calls.get(uuid) is not None or row.get("callstate") != "ACTIVE" \
+                    or row.get("application") not in ("park", "playback"):
                 continue
             route = self.config.route_for(row.get("dest", ""))
             if route is None:
@@ -438,15 +448,20 @@ class Controller:
         """A fallback or hangup whose commands were lost with the connection: send its last step again."""
         assert self.esl is not None
         fallback = call.route.fallback
-        transfer = fallback.transfer if call.outcome == "fallback_transfer" else ""
-        control = EslCallControl(self.esl, call.uuid, log=call.log, marker=self.config.esl.marker_variable)
+        transfer = call.transfer_target or (fallback.transfer if call.outcome == "fallback_transfer" else "")
+        call.control.lost = False  # once per loss, not on every later reconnect
+        control = EslCallControl(self.esl, call.uuid, log=call.log, stop_fork=self._stop_fork_command(call),
+                                 marker=self.config.esl.marker_variable)
         call.log.warning("ESL came back while the call was ending: sending its %s again",
                          "transfer" if transfer else "hangup")
         if transfer:
             control.transfer(transfer)
+            control.finish()
+            control.drain(self.config.esl.command_timeout + 1)
+            self._ended(call, "TRANSFERRED")
         else:
             control.hangup(fallback.hangup_cause if call.outcome == "fallback_hangup" else "NORMAL_CLEARING")
-        control.finish()
+            control.finish()
 
     # ---- shutdown -----------------------------------------------------------------------------------------
 
@@ -471,6 +486,7 @@ class Controller:
         if name == "fork_connected" and call.move(CallState.BRIDGED):
             call.mark("bridged")
         elif name == "model_transfer" and self._let_go(call, "transferred", "model_transfer"):
+            call.transfer_target = call.route.tools.transfer_targets.get(detail.get("target", ""), "")
             gevent.spawn_later(0, self._release_after_transfer, call)
         elif name == "model_hangup":  # the session lets the goodbye play, then hangs up
             self._let_go(call, "completed", "model_hangup", keep_media=True)

@@ -45,6 +45,7 @@ class Call:
     outcome: str = ""  # completed | fallback_transfer | fallback_hangup | transferred | error
     end_reason: str = ""
     fork_attempts: int = 0
+    transfer_target: str = ""  # where the call was sent, once it was
     own_stop_until: float = 0.0  # we stopped the fork ourselves (retry, refork): a close before this is ours
     fork_pending: bool = False  # a fork start that ESL never confirmed (outage): redo after the resync
     record: CallRecord = field(init=False)

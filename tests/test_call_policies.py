@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gevent
+import gevent.event
 
 from bridge.tokens import TokenBook
 from controller.config import DtmfPolicy
@@ -106,3 +107,42 @@ def test_websocket_unmasking_matches_rfc6455():
     assert unmask(Header(), payload) == expected
     assert unmask(Header(), unmask(Header(), payload)) == payload
     assert unmask(Header(), b"") == b""
+
+
+class _SlowEsl:
+    """An ESL client whose first command hangs until released, so later ones queue up behind it."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.release = gevent.event.Event()
+
+    def api(self, command: str) -> str:
+        self.sent.append(command)
+        if len(self.sent) == 1:
+            self.release.wait(5)
+        return "+OK\n"
+
+    def execute(self, uuid: str, app: str, arg: str, lock: bool = True) -> str:
+        return self.api(f"execute {app} {arg}")
+
+
+def test_a_transfer_never_leaves_an_orphan_timer_behind_it():
+
+    from controller.actions import EslCallControl
+
+    esl = _SlowEsl()
+    control = EslCallControl(esl, UUID, stop_fork=f"uuid_audio_fork {UUID} stop forkbridge", marker="forkbridge")
+    control.setvar("busy", "1")  # occupies the worker
+    gevent.sleep(0)
+    control.arm_orphan_timer(60, f"uuid_kill {UUID} NORMAL_CLEARING")  # a re-arm still queued...
+    control.transfer("2000 XML default")  # ...when the call is handed over
+    control.arm_orphan_timer(60, f"uuid_kill {UUID} NORMAL_CLEARING")  # and a late one after it
+    esl.release.set()
+    control.finish()
+    control.drain(5)
+    assert not [c for c in esl.sent if c.startswith("sched_api")]
+    assert esl.sent[-1] == f"uuid_transfer {UUID} 2000 XML default"
+    assert f"uuid_setvar {UUID} forkbridge released" in esl.sent
+    assert esl.sent.index(f"sched_del forkbridge-{UUID}") < esl.sent.index(f"uuid_transfer {UUID} 2000 XML default")

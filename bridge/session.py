@@ -57,6 +57,8 @@ class SessionHooks:
 
     fail: Callable[[str], None]
     mark: Callable[[str, Mapping[str, Any]], None] = lambda _name, _detail: None
+    # the model ends the call ("transfer" to a route target name, or "hangup"); False: it is already ending
+    end: Callable[[str, str], bool] = lambda _action, _target: True
 
 
 @dataclass
@@ -308,8 +310,8 @@ class MediaSession:
                 self._fail("engine_error", event.code)
         elif isinstance(event, Closed):
             if event.clean:  # the agent ended the conversation (e.g. ElevenLabs end_call): say goodbye, hang up
-                self.hooks.mark("model_hangup", {"reason": event.reason})
-                gevent.spawn(self._hangup_after_playback)
+                if self.hooks.end("hangup", ""):
+                    gevent.spawn(self._hangup_after_playback)
             else:
                 self._fail("engine_dropped", event.reason)
 
@@ -390,11 +392,11 @@ class MediaSession:
         if decision.is_error:
             return
         if decision.action == "transfer":
-            self.control.transfer(self.options.transfer_targets[decision.argument])
-            self.hooks.mark("model_transfer", {"target": decision.argument})
+            if self.hooks.end("transfer", decision.argument):
+                self.control.transfer(self.options.transfer_targets[decision.argument])
         elif decision.action == "hangup":
-            self.hooks.mark("model_hangup", {})
-            self._hangup_after_playback()
+            if self.hooks.end("hangup", ""):
+                self._hangup_after_playback()
         elif decision.action == "send_dtmf":
             self.control.send_dtmf(decision.argument)
 

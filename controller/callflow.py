@@ -172,7 +172,8 @@ class Controller:
                                greeting_file=route.greeting_file, no_audio_timeout=route.no_audio_timeout,
                                tools_allow=route.tools.allow, transfer_targets=route.tools.transfer_targets)
         hooks = SessionHooks(fail=lambda reason: self.fallback(call, reason),
-                             mark=lambda name, detail: self._mark(call, name, **detail))
+                             mark=lambda name, detail: self._mark(call, name, **detail),
+                             end=lambda action, target: self._model_ends(call, action, target))
         call.media = MediaSession(info, options, call.control, hooks, stats=self.stats, log=call.log)
         call.dtmf_handler = DtmfHandler(route.dtmf, lambda action: self._dtmf_action(call, action))
         self._arm_orphan_timer(call)
@@ -485,11 +486,21 @@ class Controller:
         self.observe(call, name, detail)
         if name == "fork_connected" and call.move(CallState.BRIDGED):
             call.mark("bridged")
-        elif name == "model_transfer" and self._let_go(call, "transferred", "model_transfer"):
-            call.transfer_target = call.route.tools.transfer_targets.get(detail.get("target", ""), "")
-            gevent.spawn_later(0, self._release_after_transfer, call)
-        elif name == "model_hangup":  # the session lets the goodbye play, then hangs up
-            self._let_go(call, "completed", "model_hangup", keep_media=True)
+
+    def _model_ends(self, call: Call, action: str, target: str) -> bool:
+        """The model (or the agent closing its session) ends the call. Only one ending wins: during a
+        fallback or another ending this answers False and the session sends nothing."""
+        if action == "transfer":
+            if not self._let_go(call, "transferred", "model_transfer"):
+                return False
+            call.transfer_target = call.route.tools.transfer_targets.get(target, "")
+            self._mark(call, "model_transfer", target=target)
+            gevent.spawn_later(0, self._release_after_transfer, call)  # after the session queued the transfer
+            return True
+        if not self._let_go(call, "completed", "model_hangup", keep_media=True):  # the goodbye plays first
+            return False
+        self._mark(call, "model_hangup")
+        return True
 
     def _sent(self, call: Call, kind: str, when: float) -> None:
         self.observe(call, f"sent_{kind}", {"at": when})

@@ -7,16 +7,7 @@ import json
 import gevent
 import greenswitch
 import pytest
-from fsim_helpers import RawESL, WSRecorder
-
-from fsim import FSim
-
-
-@pytest.fixture
-def sw():
-    s = FSim(esl_port=0).start()
-    yield s
-    s.stop()
+from fsim_helpers import RawESL, WSRecorder, esl_client
 
 
 @pytest.fixture
@@ -26,14 +17,8 @@ def server():
     r.stop()
 
 
-def _esl(sw: FSim) -> greenswitch.InboundESL:
-    esl = greenswitch.InboundESL("127.0.0.1", sw.esl_port, "ClueCon", timeout=3)
-    esl.connect()
-    return esl
-
-
 def test_drop_esl_with_notice(sw):
-    esl = _esl(sw)
+    esl = esl_client(sw)
     notices = []
     esl.register_handle("DISCONNECT", notices.append)
     assert sw.faults.drop_esl("notice") == 1
@@ -42,12 +27,13 @@ def test_drop_esl_with_notice(sw):
 
 
 def test_drop_esl_eof_gives_no_notice(sw):
-    esl = _esl(sw)
+    esl = esl_client(sw)
     notices = []
     esl.register_handle("DISCONNECT", notices.append)
     sw.faults.drop_esl("eof")
     sw.wait_for(lambda: not esl.connected, 3)
-    gevent.sleep(0.05)
+    # every frame greenswitch read has been handed to its handlers: a DISCONNECT would be there by now
+    sw.wait_for(lambda: esl._receive_events_greenlet.dead and esl._esl_event_queue.empty(), 3)
     assert notices == []
     with pytest.raises(greenswitch.esl.NotConnectedError):
         esl.send("api status")
@@ -72,11 +58,12 @@ def test_shutdown_notice_body(sw):
 
 
 def test_delay_replies(sw):
-    esl = _esl(sw)
+    esl = esl_client(sw)
     sw.faults.delay_replies(0.5)
-    g = gevent.spawn(esl.send, "api uuid_exists 33333333-3333-3333-3333-333333333333")
-    gevent.sleep(0.05)
-    assert not g.ready()
+    line = "api uuid_exists 33333333-3333-3333-3333-333333333333"
+    g = gevent.spawn(esl.send, line)
+    sw.wait_for(lambda: any(line in conn.commands for conn in sw.esl.connections), 3)  # it has arrived...
+    assert not g.ready()  # ...and is not answered yet
     assert g.get(timeout=3).data == "false"
     sw.faults.delay_replies(0)
     esl.stop()
@@ -90,14 +77,14 @@ def test_rude_rejection(sw):
 
 
 def test_restart_esl_keeps_channels(sw):
-    esl = _esl(sw)
+    esl = esl_client(sw)
     call = sw.place_call()
     call.wait_answered(2)
     port = sw.esl_port
     sw.restart_esl(keep_channels=True)
     sw.wait_for(lambda: not esl.connected, 3)
     assert sw.esl_port == port
-    esl2 = _esl(sw)
+    esl2 = esl_client(sw)
     rows = json.loads(esl2.send("api show channels as json").data)
     assert rows["row_count"] == 1 and rows["rows"][0]["uuid"] == call.uuid
     esl2.stop()
@@ -112,7 +99,7 @@ def test_restart_esl_loses_channels_silently(sw, server):
     assert call.wait_hangup(1)
     assert not call.events("CHANNEL_HANGUP")
     assert server.conns[0].closed.wait(2)
-    esl = _esl(sw)
+    esl = esl_client(sw)
     assert json.loads(esl.send("api show channels as json").data) == {"row_count": 0}
     esl.stop()
 
@@ -152,7 +139,7 @@ def test_slow_fork_writer_coalesces_frames(sw, server):
 
 
 def test_play_audio_without_content_type_crashes_the_switch(sw, server):
-    esl = _esl(sw)
+    esl = esl_client(sw)
     call = sw.place_call()
     call.wait_answered(2)
     sw.api(f"uuid_audio_fork {call.uuid} start {server.url()} mono 8k")

@@ -165,3 +165,12 @@ def parse_event_body(body: bytes) -> tuple[list[tuple[str, str]], bytes]:
             headers.append((k, unquote(v)))
     inner = body[text_end + 2 :] if text_end >= 0 else b""
     return headers, inner
+
+
+def esl_client(sw: Any) -> Any:
+    """greenswitch connected and authenticated to a running FSim, as a controller would be."""
+    import greenswitch
+
+    esl = greenswitch.InboundESL("127.0.0.1", sw.esl_port, "ClueCon", timeout=3)
+    esl.connect()
+    return esl

@@ -23,7 +23,7 @@ from bridge.engine import (
     Transcript,
 )
 from bridge.engines import create_engine
-from tests.fakes import Recorder, silence, tone
+from tests.fakes import silence, tone
 from tests.fakes.elevenlabs_fake import ElevenLabsFake
 
 AGENT = "agent_test_1"
@@ -34,11 +34,6 @@ def fake():
     server = ElevenLabsFake(agent_id=AGENT).start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def rec():
-    return Recorder()
 
 
 def make(fake, rec, *, rate=16000, greeting="Welcome to ACME.", dtmf_mode="message", connect=True, **config):

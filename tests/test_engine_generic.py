@@ -28,7 +28,7 @@ from bridge.engine import (
 from bridge.engines import create_engine
 from bridge.generic import GenericEngine
 from bridge.tools import build_tool_specs
-from tests.fakes import Recorder, silence, tone
+from tests.fakes import silence, tone
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("example_model_server", ROOT / "examples" / "model_server.py")
@@ -44,11 +44,6 @@ def server():
     srv = model_server.ModelServer(token=TOKEN, silence_ms=200).start("127.0.0.1", 0)
     yield srv
     srv.stop()
-
-
-@pytest.fixture
-def rec():
-    return Recorder()
 
 
 def make(server, rec, *, rate=16000, token=TOKEN, greeting="Hello from the model.", tools=()):

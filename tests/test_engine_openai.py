@@ -25,7 +25,7 @@ from bridge.engine import (
 from bridge.engines import create_engine
 from bridge.openai_realtime import OpenAIRealtimeEngine
 from bridge.tools import build_tool_specs
-from tests.fakes import Recorder, lin2ulaw, silence, tone
+from tests.fakes import lin2ulaw, silence, tone
 from tests.fakes.openai_fake import OpenAIFake
 
 KEY = "sk-test-abcdefghijklmnop0123"
@@ -36,11 +36,6 @@ def fake():
     server = OpenAIFake(api_key=KEY).start()
     yield server
     server.stop()
-
-
-@pytest.fixture
-def rec():
-    return Recorder()
 
 
 def make(fake, rec, *, rate=16000, tools=(), greeting="Thanks for calling ACME.", **config):

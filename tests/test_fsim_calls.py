@@ -10,13 +10,6 @@ from fsim.audio import write_wav
 from fsim.caller import parse_dtmf_spec, parse_seconds
 
 
-@pytest.fixture
-def sw():
-    s = FSim(esl_port=0).start()
-    yield s
-    s.stop()
-
-
 def _tone_file(path, freq: float, seconds: float, rate: int) -> str:
     s = (np.sin(np.arange(int(seconds * rate)) * 2 * np.pi * freq / rate) * 10000).astype("<i2")
     if str(path).endswith(".wav"):

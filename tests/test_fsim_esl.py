@@ -8,26 +8,13 @@ from urllib.parse import unquote
 import gevent
 import greenswitch
 import pytest
-from fsim_helpers import RawESL, parse_event_body
+from fsim_helpers import RawESL, esl_client, parse_event_body
 
 from fsim import CallerScript, FSim, wire
 
 
-@pytest.fixture
-def sw():
-    s = FSim(esl_port=0).start()
-    yield s
-    s.stop()
-
-
-def _connect(sw: FSim) -> greenswitch.InboundESL:
-    esl = greenswitch.InboundESL("127.0.0.1", sw.esl_port, "ClueCon", timeout=3)
-    esl.connect()
-    return esl
-
-
 def test_greenswitch_auth_api_and_events(sw):
-    esl = _connect(sw)
+    esl = esl_client(sw)
     seen: list[greenswitch.esl.ESLEvent] = []
     for name in ("CHANNEL_CREATE", "CHANNEL_ANSWER", "CHANNEL_PARK", "CHANNEL_HANGUP_COMPLETE"):
         esl.register_handle(name, seen.append)
@@ -54,7 +41,7 @@ def test_greenswitch_auth_api_and_events(sw):
 
 
 def test_greenswitch_bgapi_background_job(sw):
-    esl = _connect(sw)
+    esl = esl_client(sw)
     jobs = []
     esl.register_handle("BACKGROUND_JOB", jobs.append)
     esl.send("event plain BACKGROUND_JOB")

@@ -16,13 +16,6 @@ from fsim.wire import separate_string
 
 
 @pytest.fixture
-def sw():
-    s = FSim(esl_port=0).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
 def server():
     r = WSRecorder()
     yield r

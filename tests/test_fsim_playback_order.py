@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from fsim_helpers import RawESL
 
 from fsim import CallerScript, FSim
-
-
-@pytest.fixture
-def sw():
-    s = FSim(esl_port=0).start()
-    yield s
-    s.stop()
 
 
 def _tone(path, freq: float, seconds: float, rate: int = 8000) -> str:

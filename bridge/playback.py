@@ -98,7 +98,6 @@ class BroadcastPlayer(Player):
         self._flush_timer: gevent.Greenlet | None = None
         self._done: set[str] = set()
         self._cancelled: set[str] = set()
-        self.chunks_queued = 0
 
     # ---- feeding ----
     def feed(self, pcm: bytes, response_id: str) -> None:
@@ -139,7 +138,6 @@ class BroadcastPlayer(Player):
         self._chunks[path] = chunk
         self._order.append(path)
         self._next_chunk_ms = min(MAX_CHUNK_MS, self._next_chunk_ms * 2)
-        self.chunks_queued += 1
         self.control.play(path)
         self.on_chunk(chunk.duration_ms)
 

@@ -99,8 +99,6 @@ class MediaSession:
         self._speech_stopped_at: float | None = None
         self._greenlets: list[gevent.Greenlet] = []
         self._playback_failures = 0
-        self.transcripts: list[tuple[str, str]] = []
-        self.interruptions: list[tuple[str, int | None]] = []
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -300,7 +298,6 @@ class MediaSession:
                 self._finish_response(event.response_id)
         elif isinstance(event, Transcript):
             if event.final:
-                self.transcripts.append((event.role, event.text))
                 self.hooks.mark("transcript", {"role": event.role, "text": event.text})
         elif isinstance(event, ToolCall):
             gevent.spawn(self._on_tool, event)
@@ -357,7 +354,6 @@ class MediaSession:
             detail["stop_ms"] = round((time.monotonic() - started) * 1000.0, 2)
         self.hooks.mark("barge_in", detail)  # broadcast: the stop is timed when uuid_break is written
         played = heard.played_ms if heard.played_ms > 0 else None
-        self.interruptions.append((heard.response_id, played))
         if tell_engine and self.engine is not None:
             self.engine.interrupt(heard.response_id, played)
 

@@ -44,7 +44,6 @@ class EslCallControl:
         self._wake = gevent.event.Event()
         self._closed = False
         self._worker = gevent.spawn(self._run)
-        self.sent: list[str] = []
 
     def _put(self, kind: str, command: str, urgent: bool = False) -> None:
         if self._closed:
@@ -78,7 +77,6 @@ class EslCallControl:
             except Exception:  # a bug here must not silently swallow the call's hangup or transfer
                 self.log.exception("%s failed", kind)
                 continue
-            self.sent.append(f"{kind} {command}")
             self.on_sent(kind, time.monotonic())
             if not reply.startswith("+OK") and reply.strip() not in ("true", "false"):
                 self.log.info("%s → %s", kind, reply.strip())

@@ -54,7 +54,6 @@ class Controller:
         self.on_call_end = on_call_end or (lambda _call: None)
         self.observe = observe or (lambda _call, _name, _detail: None)
         self._prompt_done: dict[str, gevent.event.Event] = {}
-        self.fork_failures = 0
         self.bridge_url = config.bridge_url  # the daemon corrects it once the server knows its port
         self.stats: Any = None  # audio counters handed to each media session
         self.stream_supported: bool | None = None  # can mod_audio_fork stream audio back? (None: not known yet)
@@ -109,10 +108,8 @@ class Controller:
     def _on_module_event(self, call: Call, event: Event) -> None:
         kind = event.subclass.split("::", 1)[-1]
         self._mark(call, f"fork_{kind}", body=event.body[:200])
-        if event.subclass in CONNECT_FAILED:
-            self.fork_failures += 1
-            if call.live:
-                gevent.spawn(self._retry_fork, call)
+        if event.subclass in CONNECT_FAILED and call.live:
+            gevent.spawn(self._retry_fork, call)
         elif kind == "disconnect" and call.live:
             # the same close the bridge saw, or one of ours (mod_audio_stream reports either side's close)
             gevent.spawn(self._fork_gone, call, "fork_dropped")
@@ -235,7 +232,6 @@ class Controller:
             return
         if not reply.startswith("+OK"):
             call.log.warning("fork start refused: %s", reply.strip())
-            self.fork_failures += 1
             self._retry_fork(call)
 
     def _retry_fork(self, call: Call) -> None:

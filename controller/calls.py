@@ -77,9 +77,6 @@ class Call:
     def mark(self, name: str, /, **detail: Any) -> None:
         self.record.event(name, **detail)
 
-    def first(self, name: str) -> float | None:
-        return next((t for t, n, _ in self.timeline if n == name), None)
-
     def first_named(self, name: str, response: str) -> float | None:
         """When `name` was first marked for one engine response."""
         return next((t for t, n, d in self.timeline if n == name and d.get("response") == response), None)
@@ -107,9 +104,3 @@ class CallRegistry:
 
     def __len__(self) -> int:
         return len(self._calls)
-
-    def count_by_route(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for call in self._calls.values():
-            counts[call.route.name] = counts.get(call.route.name, 0) + 1
-        return counts

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= conf/forkbridge.yaml
 
-.PHONY: test lint run sysdeps demo bench
+.PHONY: test lint run sysdeps freeswitch demo bench
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(STAMP): setup.cfg pyproject.toml
 sysdeps:
 	@sh scripts/system-packages.sh
 
-test: $(STAMP) sysdeps
+# The real FreeSWITCH the real-switch tests run against: FORKBRIDGE_FREESWITCH=/prefix, or the bundle in
+# ../shared/freeswitch installed into .cache/freeswitch.
+freeswitch:
+	@sh scripts/freeswitch.sh
+
+test: $(STAMP) sysdeps freeswitch
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -178,7 +178,7 @@ class EchoEngine(Engine):
     type_name = "echo"
 
     WINDOW_MS = 20  # VAD analysis window
-    START_MS = 60  # this much consecutive loud audio starts an utterance (a click on the line does not)
+    START_MS = 40  # this much consecutive loud audio starts an utterance (a one-frame click does not)
     PREROLL_MS = 200  # audio kept from before the start, so the first syllable is not clipped
     TAIL_MS = 200  # trailing silence kept in the echo (the last word's decay sits below the threshold)
     CHUNK_MS = 100  # AudioOut chunk size

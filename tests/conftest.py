@@ -23,3 +23,17 @@ def sw():
 def rec():
     """Collects the events an engine emits."""
     return Recorder()
+
+
+def _real_switch_line() -> str:
+    from tests.realswitch.switch import find_prefix, must_run
+
+    prefix, why = find_prefix()
+    if prefix is not None:
+        return f"real FreeSWITCH suite: RUNS against {why}"
+    return f"real FreeSWITCH suite: {'FAILS (CI)' if must_run() else 'SKIPPED'}: {why}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One loud line at the end of every run: whether the real-switch suite ran, and against what."""
+    terminalreporter.write_sep("=", _real_switch_line())

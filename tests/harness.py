@@ -17,7 +17,8 @@ from controller.daemon import Daemon
 SECRET = "test-token-secret-0123456789"
 
 
-def write_config(tmp_path: Path, esl_port: int, routes: str, engines: str = "", extra: str = "") -> Path:
+def write_config(tmp_path: Path, esl_port: int, routes: str, engines: str = "", extra: str = "",
+                 esl_password: str = "ClueCon") -> Path:
     """A daemon config on loopback: ESL to fsim, bridge and metrics on ephemeral ports."""
     engines = engines or """
       echo:
@@ -26,7 +27,7 @@ def write_config(tmp_path: Path, esl_port: int, routes: str, engines: str = "", 
     text = f"""
     esl:
       port: {esl_port}
-      password: ClueCon
+      password: {esl_password}
       command_timeout: 2s
       reconnect_max: 1s
     bridge:

@@ -1,0 +1,101 @@
+"""A caller on the real switch: a loopback leg that plays its script and records what it hears.
+
+`originate loopback/<DID>/public` makes two channels: the A leg (ours: it runs an inline dialplan that records
+the leg in stereo, plays the caller's audio, then waits) and the B leg, which goes through the public context
+to dialplan/forkbridge.xml and is the call forkbridge owns.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+import numpy as np
+
+from controller.esl import Event
+from fsim.audio import Signal, write_wav
+from tests.realswitch.heard import SILENT, Recording
+from tests.realswitch.switch import FreeSwitch, Probe
+
+CALLER_RATE = 8000
+
+
+def _when(event: Event) -> float:
+    """The event's wall-clock time (FreeSWITCH stamps events in microseconds)."""
+    return int(event.get("Event-Date-Timestamp", "0")) / 1e6
+
+
+class Caller:
+    def __init__(self, switch: FreeSwitch, probe: Probe, workdir: Path, audio: Signal, did: str = "7100",
+                 name: str = "caller") -> None:
+        self.switch = switch
+        self.probe = probe
+        self.did = did
+        self.a = str(uuidlib.uuid4())
+        self.b = ""
+        self.wav = workdir / f"{name}-says.wav"
+        self.samples = audio.render(CALLER_RATE)
+        write_wav(str(self.wav), self.samples, CALLER_RATE)
+        self.recording_path = workdir / f"{name}-heard.wav"
+        self._mark = 0
+        self.rec_t0 = 0.0  # wall-clock time of the recording's first sample
+
+    def dial(self, variables: str = "", timeout: float = 10.0) -> Caller:
+        self._mark = len(self.probe.events)
+        app = (f"'set:RECORD_STEREO=true,record_session:{self.recording_path},playback:{self.wav},"
+               f"park' inline")
+        reply = self.probe.api(f"originate {{origination_uuid={self.a}{variables}}}loopback/{self.did}/public {app}")
+        assert reply.startswith("+OK"), f"originate refused: {reply.strip()}"
+        answer = self.probe.wait_event(
+            lambda e: e.name == "CHANNEL_ANSWER" and e.get("Channel-Name") == f"loopback/{self.did}-b"
+            and e.get("variable_other_loopback_leg_uuid") == self.a, timeout, "B-leg answer", self._mark)
+        self.b = answer.uuid
+        started = self.probe.wait_event(lambda e: e.name == "PLAYBACK_START" and e.uuid == self.a, timeout,
+                                        "caller playback start", self._mark)
+        self.said_from = _when(started)  # the caller's audio starts going out now
+        return self
+
+    def events(self, name: str, leg: str = "b") -> list[Event]:
+        uuid = self.b if leg == "b" else self.a
+        return [e for e in self.probe.events[self._mark:] if e.uuid == uuid and e.name == name]
+
+    def wait(self, match, timeout: float = 10.0, what: str = "event") -> Event:
+        return self.probe.wait_event(match, timeout, what, self._mark)
+
+    def recv_dtmf(self, digits: str) -> None:
+        """Digits as if the caller pressed them (they arrive on the B leg)."""
+        assert self.probe.api(f"uuid_recv_dtmf {self.b} {digits}").startswith("+OK")
+
+    def hang_up(self) -> None:
+        self.probe.api(f"uuid_kill {self.a}")
+
+    def wait_gone(self, timeout: float = 15.0) -> Event:
+        """Both legs destroyed; the B leg's hangup event."""
+        for uuid in (self.a, self.b):
+            self.wait(lambda e, u=uuid: e.name == "CHANNEL_DESTROY" and e.uuid == u, timeout, f"destroy of {uuid}")
+        return self.wait(lambda e: e.name == "CHANNEL_HANGUP_COMPLETE" and e.uuid == self.b, 1, "B-leg hangup")
+
+    def recording(self, timeout: float = 15.0) -> Recording:
+        """What the caller heard, once the recording is closed; its clock aligned to wall-clock time from
+        the caller's own audio (the first loud sample of its mouth channel left at `said_from`)."""
+        self.wait(lambda e: e.name == "RECORD_STOP" and e.uuid == self.a, timeout, "recording stop")
+        rec = Recording.read(self.recording_path)
+        first_said = int(np.argmax(np.abs(self.samples.astype(np.int32)) >= SILENT)) / CALLER_RATE
+        loud = np.flatnonzero(np.abs(rec.mouth.astype(np.int32)) >= SILENT)
+        onset = loud[0] / rec.rate if len(loud) else 0.0
+        self.rec_t0 = self.said_from + first_said - onset
+        return rec
+
+    def at(self, wall: float) -> float:
+        """Recording time (s) of a wall-clock instant; valid after recording()."""
+        return wall - self.rec_t0
+
+
+def wait_no_channels(probe: Probe, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if probe.api("show channels count").strip().startswith("0 total"):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"channels left on the switch: {probe.api('show channels')}")

@@ -1,9 +1,9 @@
 """Getting the engine's speech to the caller, and knowing how much of it they actually heard.
 
 Two modes behind one small shape (`feed`, `response_done`, `stop`, `close`):
-- `BroadcastPlayer`: chunks written to the spool dir as raw L16 files (.r8/.r16, what mod_sndfile plays) and
-  queued with uuid_broadcast through call control. A short first chunk gets the first word out fast; later
-  chunks grow so FreeSWITCH always has the next one queued (gapless). PLAYBACK_START/STOP say what is playing.
+- `BroadcastPlayer`: files in the spool dir queued on the parked channel through call control: one growing file
+  per reply in the channel's own codec (mod_native_file) where it can, else L16 chunks (.r8/.r16, mod_sndfile).
+  PLAYBACK_START/STOP say what is playing.
 - `StreamPlayer`: binary L16 frames back over the fork's WebSocket (jambonz bidirectional build), paced at
   real time with a small lead, cleared with `killAudio`.
 """
@@ -20,12 +20,30 @@ from dataclasses import dataclass
 import gevent
 
 from bridge.callcontrol import CallControl
+from bridge.engine import PCM16, PCMA, PCMU, AudioFormat
 
 log = logging.getLogger("forkbridge.playback")
 
 FIRST_CHUNK_MS = 160
 MAX_CHUNK_MS = 1000
 FLUSH_AFTER_S = 0.08  # pending audio shorter than a chunk is queued anyway after this long
+# Growing (native) files: a file starts playing once it holds NATIVE_START_MS and NATIVE_MARGIN_MS more than the
+# largest single delivery so far (an engine streaming at real time sends its next piece about that much later,
+# so FreeSWITCH never reaches the end of what was written), or NATIVE_START_AFTER_S after its first audio.
+NATIVE_START_MS = 40
+NATIVE_MARGIN_MS = 20
+NATIVE_START_AFTER_S = 0.15
+# Codecs mod_native_file plays as they are (the file's extension names the codec; it must be the channel's)
+NATIVE_CODECS = {"PCMU": PCMU, "PCMA": PCMA, "L16": PCM16}
+
+
+def native_format(codec: str, rate: int) -> AudioFormat | None:
+    """The format of a growing file for a channel whose read codec is `codec` at `rate`, or None when
+    mod_native_file cannot play that codec for us (then chunks are played through mod_sndfile)."""
+    encoding = NATIVE_CODECS.get(codec.upper())
+    if encoding is None or rate <= 0 or (encoding != PCM16 and rate != 8000):
+        return None
+    return AudioFormat(encoding, rate)
 
 
 @dataclass
@@ -45,6 +63,8 @@ class _Chunk:
     duration_ms: float
     started_at: float = 0.0
     finished: bool = False
+    data: bytearray | None = None  # a growing file: what was written to it (its tail is re-queued on underrun)
+    fd: int = -1  # a growing file still open for appending
 
 
 class Player:
@@ -52,10 +72,12 @@ class Player:
 
     def __init__(self, rate: int, on_first_heard: Callable[[str], None] | None = None,
                  on_underrun: Callable[[], None] | None = None,
-                 on_chunk: Callable[[float], None] | None = None) -> None:
+                 on_chunk: Callable[[float, bool], None] | None = None,
+                 fmt: AudioFormat | None = None) -> None:
         self.rate = rate
-        self.on_chunk = on_chunk or (lambda _ms: None)
-        self.bytes_per_ms = rate * 2 / 1000.0
+        self.format = fmt or AudioFormat(PCM16, rate)
+        self.on_chunk = on_chunk or (lambda _ms, _queued: None)
+        self.bytes_per_ms = self.format.bytes_per_ms
         self.on_first_heard = on_first_heard or (lambda _rid: None)
         self.on_underrun = on_underrun or (lambda: None)
         self.received_ms: dict[str, float] = {}
@@ -82,12 +104,28 @@ class Player:
 
 
 class BroadcastPlayer(Player):
-    def __init__(self, control: CallControl, spool_dir: str, uuid: str, rate: int, **callbacks) -> None:
-        super().__init__(rate, **callbacks)
+    """Files in the spool dir, queued on the parked channel one after another (sendmsg playback, event-lock).
+
+    FreeSWITCH leaves one frame of silence between two queued files (docs/playback.md), so a reply should be as
+    few files as possible. With `native` (the channel's codec is PCMU, PCMA or L16), a reply is one *growing*
+    file in that codec: mod_native_file reads it as it plays and we append as audio arrives, so nothing is
+    heard between pieces; if the engine falls behind and FreeSWITCH reaches the end of what was written, that
+    playback ends and the rest of the reply goes on in a new file (FreeSWITCH reports how many bytes it read).
+    Otherwise (other codecs) a reply is L16 chunks played through mod_sndfile: a short first chunk, then
+    doubling ones.
+    """
+
+    def __init__(self, control: CallControl, spool_dir: str, uuid: str, rate: int,
+                 native: AudioFormat | None = None, **callbacks) -> None:
+        super().__init__(rate, fmt=native, **callbacks)
         self.control = control
         self.spool_dir = spool_dir
         self.uuid = uuid
-        self.ext = ".r8" if rate == 8000 else ".r16"
+        self.native = native is not None
+        if native is not None:
+            self.ext = "." + next(name for name, enc in NATIVE_CODECS.items() if enc == native.encoding)
+        else:
+            self.ext = ".r8" if rate == 8000 else ".r16"
         self._seq = 0
         self._pending = bytearray()
         self._pending_response = ""
@@ -98,48 +136,94 @@ class BroadcastPlayer(Player):
         self._flush_timer: gevent.Greenlet | None = None
         self._done: set[str] = set()
         self._cancelled: set[str] = set()
+        self._growing: _Chunk | None = None  # the file the current reply is appended to
+        self._align = 2 if self.format.encoding == PCM16 else 1
+        self._largest_ms = 0.0  # the largest single delivery since the last file was queued
 
     # ---- feeding ----
     def feed(self, pcm: bytes, response_id: str) -> None:
         if response_id != self._pending_response:
             self._flush()
+            self._seal()
             self._pending_response = response_id
             self._next_chunk_ms = FIRST_CHUNK_MS
         self.received_ms[response_id] = self.received_ms.get(response_id, 0.0) + self._ms(len(pcm))
+        growing = self._growing
+        if growing is not None and growing.response_id == response_id:
+            self._append(growing, pcm)
+            return
         self._pending += pcm
-        if self._ms(len(self._pending)) >= self._next_chunk_ms:
+        self._largest_ms = max(self._largest_ms, self._ms(len(pcm)))
+        if self._ms(len(self._pending)) >= self._start_ms():
             self._flush()
         elif self._flush_timer is None:
-            self._flush_timer = gevent.spawn_later(FLUSH_AFTER_S, self._timed_flush)
+            self._flush_timer = gevent.spawn_later(NATIVE_START_AFTER_S if self.native else FLUSH_AFTER_S,
+                                                   self._timed_flush)
+
+    def _start_ms(self) -> float:
+        """How much audio a new file needs before it is queued."""
+        if self.native:
+            return max(NATIVE_START_MS, self._largest_ms + NATIVE_MARGIN_MS)
+        return self._next_chunk_ms
 
     def response_done(self, response_id: str) -> None:
         self._done.add(response_id)
         if response_id == self._pending_response:
             self._flush()
+            self._seal()
 
     def _timed_flush(self) -> None:
         self._flush_timer = None
         self._flush()
 
     def _flush(self) -> None:
+        """Queue what is pending as a new file (for a growing file: the start of one)."""
         if self._flush_timer is not None:
             self._flush_timer.kill(block=False)
             self._flush_timer = None
-        usable = len(self._pending) - len(self._pending) % 2
+        usable = len(self._pending) - len(self._pending) % self._align
         if usable <= 0:
             return
         data = bytes(self._pending[:usable])
         del self._pending[:usable]
+        self._largest_ms = 0.0
         self._seq += 1
         path = os.path.join(self.spool_dir, f"{self.uuid}-{self._seq:05d}{self.ext}")
-        with open(path, "wb") as fh:
-            fh.write(data)
-        chunk = _Chunk(path, self._pending_response, self._ms(len(data)))
+        chunk = _Chunk(path, self._pending_response, 0.0)
+        if self.native and self._pending_response not in self._done and self._growing is None:
+            chunk.data = bytearray()
+            chunk.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            self._growing = chunk
+            self._append(chunk, data, queued=True)
+        else:
+            with open(path, "wb") as fh:
+                fh.write(data)
+            chunk.duration_ms = self._ms(len(data))
+            self.on_chunk(chunk.duration_ms, True)
         self._chunks[path] = chunk
         self._order.append(path)
         self._next_chunk_ms = min(MAX_CHUNK_MS, self._next_chunk_ms * 2)
         self.control.play(path)
-        self.on_chunk(chunk.duration_ms)
+
+    def _append(self, chunk: _Chunk, data: bytes, queued: bool = False) -> None:
+        """More of the reply at the end of its growing file (FreeSWITCH reads it as it plays)."""
+        assert chunk.data is not None
+        os.write(chunk.fd, data)
+        chunk.data += data
+        ms = self._ms(len(data))
+        chunk.duration_ms += ms
+        self.on_chunk(ms, queued)
+
+    def _seal(self, chunk: _Chunk | None = None) -> None:
+        """The growing file takes no more audio (its reply is complete, stopped, or it ran dry)."""
+        chunk = chunk or self._growing
+        if chunk is None:
+            return
+        if chunk.fd >= 0:
+            os.close(chunk.fd)
+            chunk.fd = -1
+        if chunk is self._growing:
+            self._growing = None
 
     # ---- what FreeSWITCH reports ----
     def cancelled(self, path: str) -> bool:
@@ -161,21 +245,51 @@ class BroadcastPlayer(Player):
             self.on_first_heard(chunk.response_id)
         self.current = chunk.response_id
 
-    def playback_stopped(self, path: str, status: str) -> None:
+    def playback_stopped(self, path: str, status: str, read_bytes: int = -1) -> None:
+        """PLAYBACK_STOP; `read_bytes` is FreeSWITCH's playback_samples (bytes, for a native file)."""
         self._cancelled.discard(path)
         chunk = self._chunks.pop(path, None)
         if chunk is None:
             return
         if path in self._order:
             self._order.remove(path)
+        tail = b""
+        if chunk.data is not None:
+            self._seal(chunk)
+            if status == "done" and 0 <= read_bytes < len(chunk.data):
+                # FreeSWITCH caught up with us and ended this playback: what it did not read goes on next
+                tail = bytes(chunk.data[read_bytes - read_bytes % self._align:])
+                chunk.duration_ms -= self._ms(len(tail))
         if chunk.started_at and not chunk.finished:
             played = chunk.duration_ms if status == "done" else self._elapsed_ms(chunk)
             self._heard_ms[chunk.response_id] = self._heard_ms.get(chunk.response_id, 0.0) + played
             chunk.finished = True
         _remove(path)
         still_coming = chunk.response_id not in self._done
-        if status == "done" and not self._order and still_coming and chunk.response_id == self._pending_response:
+        if tail or (status == "done" and not self._order and still_coming
+                    and chunk.response_id == self._pending_response):
             self.on_underrun()
+        if tail:
+            self._requeue(tail, chunk.response_id)
+
+    def _requeue(self, tail: bytes, response_id: str) -> None:
+        """The unread end of a reply's file: played next, and the reply grows on in it if still coming."""
+        if any(self._chunks[p].response_id != response_id for p in self._order):
+            return  # a later reply is queued already: this one has been overtaken, its end is not played
+        if self._pending and self._pending_response != response_id:
+            later, later_response = bytes(self._pending), self._pending_response
+            self._pending[:] = tail
+            self._pending_response = response_id
+            self._flush()
+            self._pending[:] = later
+            self._pending_response = later_response
+            return
+        self._pending[:0] = tail
+        self._pending_response = response_id
+        if response_id in self._done or self._ms(len(self._pending)) >= self._start_ms():
+            self._flush()
+        elif self._flush_timer is None:
+            self._flush_timer = gevent.spawn_later(NATIVE_START_AFTER_S, self._timed_flush)
 
     def _elapsed_ms(self, chunk: _Chunk) -> float:
         return min(chunk.duration_ms, (time.monotonic() - chunk.started_at) * 1000.0)
@@ -189,6 +303,7 @@ class BroadcastPlayer(Player):
         if not self.playing:
             return None
         self.control.break_all()
+        self._seal()
         # The reply being heard is the one whose chunk is playing; later replies may already be queued
         # behind it (or be pending here): all of them are dropped, none of them was heard.
         playing = next((self._chunks[p] for p in self._order if self._chunks[p].started_at), None)
@@ -223,6 +338,8 @@ class BroadcastPlayer(Player):
     def close(self) -> None:
         if self._flush_timer is not None:
             self._flush_timer.kill(block=False)
+        for chunk in self._chunks.values():
+            self._seal(chunk)
         for path in list(self._chunks):
             _remove(path)
         self._chunks.clear()

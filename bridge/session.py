@@ -39,7 +39,7 @@ from bridge.engine import (
     ToolCall,
     Transcript,
 )
-from bridge.playback import BroadcastPlayer, Player, StreamPlayer
+from bridge.playback import BroadcastPlayer, Player, StreamPlayer, native_format
 from bridge.tools import build_tool_specs, decide
 
 log = logging.getLogger("forkbridge.bridge")
@@ -71,6 +71,8 @@ class MediaOptions:
     no_audio_timeout: float = 10.0
     tools_allow: tuple[str, ...] = ()
     transfer_targets: Mapping[str, str] = field(default_factory=dict)
+    channel_codec: str = ""  # the channel's read codec (PCMU, PCMA, L16, G722, ...) and rate, from FreeSWITCH
+    channel_rate: int = 0
 
 
 class MediaSession:
@@ -83,6 +85,7 @@ class MediaSession:
         self.hooks = hooks
         self.stats = stats
         self.call_format = AudioFormat(PCM16, info.sample_rate)
+        self.playback_format = self.call_format  # what the engine's speech is converted to for the player
         specs = build_tool_specs(list(options.tools_allow), list(options.transfer_targets))
         self.info = CallInfo(**{**info.__dict__, "tools": specs})
         self.engine: Engine | None = None
@@ -106,10 +109,13 @@ class MediaSession:
         self._greenlets.append(gevent.spawn(self._connect_engine))
         self._greenlets.append(gevent.spawn(self._watch_audio))
         if self.options.playback == "broadcast":
+            # replies as growing files in the channel's own codec where mod_native_file can play it (gapless)
+            native = native_format(self.options.channel_codec, self.options.channel_rate)
+            if native is not None:
+                self.playback_format = native
             self.player = BroadcastPlayer(self.control, self.options.spool_dir, self.info.uuid,
-                                          self.info.sample_rate, on_first_heard=self._first_heard,
-                                          on_underrun=self._underrun,
-                                          on_chunk=self._chunk_queued)
+                                          self.info.sample_rate, native=native, on_first_heard=self._first_heard,
+                                          on_underrun=self._underrun, on_chunk=self._chunk_queued)
 
     def _connect_engine(self) -> None:
         try:
@@ -130,7 +136,7 @@ class MediaSession:
         formats = engine.formats
         assert formats is not None, "engine.connect() must set formats"
         self._in = Converter(self.call_format, formats.input)
-        self._out = Converter(formats.output, self.call_format)
+        self._out = Converter(formats.output, self.playback_format)
         self.engine_ready.set()
         self.hooks.mark("engine_connected", {"input": formats.input.encoding, "rate": formats.input.rate})
         if self.options.greeting_file:
@@ -260,8 +266,9 @@ class MediaSession:
         """A chunk we removed ourselves after a barge-in (FreeSWITCH then reports FILE NOT FOUND for it)."""
         return isinstance(self.player, BroadcastPlayer) and self.player.cancelled(path)
 
-    def playback_event(self, name: str, path: str, status: str) -> None:
-        """PLAYBACK_START / PLAYBACK_STOP, or FAILED (FreeSWITCH could not play the file at all)."""
+    def playback_event(self, name: str, path: str, status: str, read_bytes: int = -1) -> None:
+        """PLAYBACK_START / PLAYBACK_STOP (with FreeSWITCH's playback_samples), or FAILED (FreeSWITCH could
+        not play the file at all)."""
         player = self.player
         if not isinstance(player, BroadcastPlayer) or not player.owns(path):
             return
@@ -276,7 +283,7 @@ class MediaSession:
             if self._playback_failures >= PLAYBACK_FAILURES_MAX:
                 self._fail("playback_failed", path)
         else:
-            player.playback_stopped(path, status)
+            player.playback_stopped(path, status, read_bytes)
 
     # ---- from the engine --------------------------------------------------------------------------
 
@@ -371,8 +378,10 @@ class MediaSession:
             self._speech_stopped_at = None
         self.hooks.mark("caller_heard", detail)
 
-    def _chunk_queued(self, ms: float) -> None:
-        self.hooks.mark("chunk_queued", {"ms": round(ms)})
+    def _chunk_queued(self, ms: float, queued: bool) -> None:
+        """Audio written for FreeSWITCH to play: a new file queued, or more of a growing one."""
+        if queued:
+            self.hooks.mark("chunk_queued", {"ms": round(ms)})
         if self.stats is not None:
             self.stats.audio_out(int(ms * self.info.sample_rate * 2 / 1000))
 

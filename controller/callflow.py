@@ -82,7 +82,8 @@ class Controller:
             if waiter is not None and event.name == "PLAYBACK_STOP" and path == call.route.fallback.prompt:
                 waiter.set()
             if call.media is not None:
-                call.media.playback_event(event.name, path, status)
+                samples = event.get("variable_playback_samples")  # bytes read, for a native file
+                call.media.playback_event(event.name, path, status, int(samples) if samples.isdigit() else -1)
         elif event.name == "CHANNEL_EXECUTE_COMPLETE":
             self._on_execute_complete(call, event)
         elif event.name == "CUSTOM":
@@ -134,14 +135,18 @@ class Controller:
         route = self._owned_route(event)
         if route is None:
             return
-        self.take(event.uuid, self._did(event), event.get("Caller-Caller-ID-Number"), route)
+        self.take(event.uuid, self._did(event), event.get("Caller-Caller-ID-Number"), route,
+                  codec=(event.get("Channel-Read-Codec-Name"), _int(event.get("Channel-Read-Codec-Rate"))))
 
     @staticmethod
     def _did(event: Event) -> str:
         """The dialled number: the dialplan's normalised capture (forkbridge_did) if it set one."""
         return event.get("variable_forkbridge_did") or event.get("Caller-Destination-Number")
 
-    def take(self, uuid: str, did: str, caller_id: str, route: Route, stale_fork: bool = False) -> Call:
+    def take(self, uuid: str, did: str, caller_id: str, route: Route, stale_fork: bool = False,
+             codec: tuple[str, int] = ("", 0)) -> Call:
+        """Own a call: its media session, fork, timers. `codec` is the channel's read codec and rate (what a
+        native playback file must be written in)."""
         engine_cfg = self.config.engines[route.engine]
         call = Call(uuid=uuid, did=did, caller_id=caller_id, route=route, engine=engine_cfg)
         call.log = call_logger(uuid, did, route=route.name)
@@ -167,7 +172,8 @@ class Controller:
         options = MediaOptions(engine_type=engine_cfg.type, engine_options=engine_cfg.options,
                                playback=route.playback, spool_dir=self.config.bridge.spool_dir,
                                greeting_file=route.greeting_file, no_audio_timeout=route.no_audio_timeout,
-                               tools_allow=route.tools.allow, transfer_targets=route.tools.transfer_targets)
+                               tools_allow=route.tools.allow, transfer_targets=route.tools.transfer_targets,
+                               channel_codec=codec[0], channel_rate=codec[1])
         hooks = SessionHooks(fail=lambda reason: self.fallback(call, reason),
                              mark=lambda name, detail: self._mark(call, name, **detail),
                              end=lambda action, target: self._model_ends(call, action, target))
@@ -425,16 +431,20 @@ class Controller:
             if self.calls.get(uuid) is not None or row.get("callstate") != "ACTIVE" \
                     or row.get("application") not in ("park", "playback"):
                 continue
-            route = self.config.route_for(row.get("dest", ""))
-            if route is None:
-                continue
             try:
                 marker = self.esl.api(f"uuid_getvar {uuid} {self.config.esl.marker_variable}")
+                did_var = self.esl.api(f"uuid_getvar {uuid} forkbridge_did").strip()
             except EslError:
                 continue
+            # the same DID as live routing: the dialplan's normalised capture, else the dialled number
+            did = did_var if did_var and did_var != "_undef_" else row.get("dest", "")
+            route = self.config.route_for(did)
+            if route is None:
+                continue
             if marker.strip().lower() == "true" and self.calls.get(uuid) is None:  # its ANSWER may have come
-                call_logger(uuid, row.get("dest", "")).info("answered while ESL was down: picking it up")
-                self.take(uuid, row.get("dest", ""), row.get("cid_num", ""), route, stale_fork=True)
+                call_logger(uuid, did).info("answered while ESL was down: picking it up")
+                self.take(uuid, did, row.get("cid_num", ""), route, stale_fork=True,
+                          codec=(row.get("read_codec", ""), _int(row.get("read_rate", ""))))
 
     def _quiet_api(self, command: str) -> None:
         assert self.esl is not None
@@ -500,6 +510,10 @@ class Controller:
 
     def _sent(self, call: Call, kind: str, when: float) -> None:
         self.observe(call, f"sent_{kind}", {"at": when})
+
+
+def _int(text: str) -> int:
+    return int(text) if text.isdigit() else 0
 
 
 def _safe(text: str) -> str:

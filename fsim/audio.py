@@ -71,6 +71,20 @@ def read_audio_file(path: str) -> tuple[np.ndarray, int]:
     raise UnplayableFile(f"{path}: no format module for {ext or 'no extension'}")
 
 
+def g711_decode(data: bytes, law: str) -> np.ndarray:
+    """G.711 bytes to linear samples (ITU-T G.711 expansion), for native PCMU/PCMA files."""
+    b = np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+    if law == "PCMU":
+        b = ~b & 0xFF
+        exponent, mantissa = (b >> 4) & 0x07, b & 0x0F
+        magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+        return np.where(b & 0x80, -magnitude, magnitude).astype(np.int16)
+    b = b ^ 0x55
+    exponent, mantissa = (b >> 4) & 0x07, b & 0x0F
+    magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    return np.where(b & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
 def write_wav(path: str, samples: np.ndarray, rate: int) -> None:
     with wave.open(path, "wb") as w:
         w.setnchannels(1)

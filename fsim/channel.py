@@ -7,6 +7,14 @@ media bugs. Everything the caller hears goes to ``self.ear``.
 Playbacks nest as in FreeSWITCH: a running playback parses the channel's private events on every frame, so an
 execute queued behind one that was not queued with ``event-lock: true`` runs *inside* it (the outer file pauses
 and resumes when the inner one ends). ``self.stack`` holds the running playbacks, outermost first.
+
+Between two applications on a parked channel the park loop reads one frame before it dequeues the next execute,
+so the caller hears one frame of silence at every boundary between queued files (20 ms at 20 ms ptime; measured on
+FreeSWITCH 1.10.12, see docs/playback.md); uuid_broadcast's five lead frames include that frame.
+
+A file whose extension is a codec name (``.PCMU``, ``.PCMA``, ``.L16``) is a native file (mod_native_file): its
+bytes are frames in the channel's own codec, read as the playback goes, so a file still being written keeps
+playing until the reader catches up with the writer (then the playback ends, ``done``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import gevent
 import gevent.event
 import numpy as np
 
-from .audio import UnplayableFile, read_audio_file, resample
+from .audio import UnplayableFile, g711_decode, read_audio_file, resample
 from .caller import CallerScript
 from .ear import Ear
 
@@ -75,6 +83,7 @@ SHOW_COLUMNS = [
 ]
 
 CODECS = {8000: ("PCMU", 64000), 16000: ("G722", 64000), 48000: ("opus", 0)}
+NATIVE_EXTENSIONS = {"PCMU", "PCMA", "L16", "G722", "OPUS", "G729"}  # mod_native_file: one per loaded codec
 
 
 @dataclass
@@ -95,6 +104,9 @@ class Playing:
     samples: np.ndarray | None  # None = endless silence (silence_stream://-1)
     pos: int = 0
     remaining: int = -1  # for silence_stream://N
+    native: Any = None  # an open native file, read one frame per tick
+    native_read: int = 0  # bytes read from it (FreeSWITCH's playback_samples for a native file)
+    src_rate: int = 0  # the file's own rate (playback_samples counts samples at this rate)
 
 
 class Channel:
@@ -193,6 +205,7 @@ class Channel:
         self.queue: collections.deque[QueuedApp] = collections.deque()
         self.leading: QueuedApp | None = None
         self.lead_left = 0
+        self._app_just_ended = False  # an application just ended: the park loop reads a frame before the next
         self.stack: list[Playing] = []  # running playbacks, outermost first; only the last one is heard
         self.played: list[tuple[str, str]] = []  # (path, status) of every finished playback
         self.temp_files: list[str] = []
@@ -420,6 +433,8 @@ class Channel:
             if self.leading is None and self._can_dequeue():
                 self.leading = self.queue.popleft()
                 self.lead_left = self.leading.lead_frames
+                if self._app_just_ended:  # the park loop reads a frame before it dequeues the next execute
+                    self.lead_left = max(1, self.lead_left)
                 self.ear.close("bc", "paused")  # the enclosing file (if any) writes nothing until this one ends
             if self.leading is None:
                 break
@@ -430,10 +445,13 @@ class Channel:
             self._start_app(item)
             if not self.alive:
                 return None
+        self._app_just_ended = False
         p = self.playing
         if p is None:
             return None
         n = self.frame_samples
+        if p.native is not None:
+            return self._native_tick(p, now)
         if p.samples is None:
             frame = np.zeros(n, np.int16)
             if p.remaining >= 0:
@@ -450,8 +468,36 @@ class Channel:
             self._stop_playback("done")
         return frame
 
+    def _native_tick(self, p: Playing, now: float) -> np.ndarray | None:
+        """One frame of a native file in the channel's codec; the end of what is written so far ends it."""
+        width = 2 if self.codec == "L16" else 1
+        data = p.native.read(self.frame_samples * width)
+        if not data:
+            self._stop_playback("done")
+            return None
+        p.native_read += len(data)
+        if self.codec in ("PCMU", "PCMA"):
+            frame = g711_decode(data, self.codec)
+        else:  # L16, and anything else read as if it were (what a codec mismatch sounds like)
+            frame = np.frombuffer(data[: len(data) - len(data) % 2], dtype="<i2").astype(np.int16)
+        if len(frame) < self.frame_samples:
+            frame = np.concatenate([frame, np.zeros(self.frame_samples - len(frame), np.int16)])
+        self.ear.hear("bc", f"broadcast:{p.path}", frame, self.rate, now, self.ptime_ms / 1000.0)
+        return frame
+
     def _start_app(self, item: QueuedApp) -> None:
         app, arg = item.app, item.arg
+        if app == "playback" and os.path.splitext(arg)[1][1:].upper() in NATIVE_EXTENSIONS:
+            self._execute(app, arg, app_uuid=item.app_uuid)
+            try:
+                native = open(arg, "rb")  # noqa: SIM115 - closed when the playback stops
+            except OSError:
+                self._execute_complete(app, arg, "FILE NOT FOUND", item.app_uuid)
+                self.played.append((arg, "not_found"))
+                return
+            self.stack.append(Playing(item, arg, None, native=native))
+            self.fire("PLAYBACK_START", [("Playback-File-Path", arg)])
+            return
         if app == "playback":
             self._execute(app, arg, app_uuid=item.app_uuid)
             if arg.startswith("silence_stream://"):
@@ -471,7 +517,7 @@ class Channel:
                 self._execute_complete(app, arg, "PLAYBACK ERROR", item.app_uuid)
                 self.played.append((arg, "error"))
                 return
-            self.stack.append(Playing(item, arg, resample(samples, src_rate, self.rate)))
+            self.stack.append(Playing(item, arg, resample(samples, src_rate, self.rate), src_rate=src_rate))
             self.fire("PLAYBACK_START", [("Playback-File-Path", arg)])
             if len(samples) == 0:
                 self._stop_playback("done")
@@ -491,8 +537,18 @@ class Channel:
         if not self.stack:
             return
         p = self.stack.pop()
+        if not self.stack:
+            self._app_just_ended = True
         self.ear.close("bc", ear_status or status)
-        extra = [("Playback-File-Path", p.path), ("Playback-Status", status)]
+        # FreeSWITCH sets playback_samples before PLAYBACK_STOP: bytes for a native file, else file-rate samples
+        if p.native is not None:
+            p.native.close()
+            samples = p.native_read
+        else:
+            samples = p.pos * p.src_rate // self.rate if p.src_rate else 0
+        self.variables["playback_samples"] = str(samples)
+        extra = [("Playback-File-Path", p.path), ("Playback-Status", status),
+                 ("variable_playback_samples", str(samples))]
         if p.samples is None:
             extra.insert(0, ("Playback-File-Type", "silence_stream"))
         self.fire("PLAYBACK_STOP", extra)

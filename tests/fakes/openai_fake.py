@@ -81,7 +81,7 @@ class OpenAIFake(FakeServer):
     """Script knobs (attributes, set before the client connects or between turns):
 
     reply_ms / delta_ms / delta_interval: each response is reply_ms of audio in delta_ms deltas, with
-    delta_interval seconds between deltas (small → faster than real time). late_deltas: deltas still sent
+    delta_interval seconds between deltas, on a clock (small → faster than real time). late_deltas: deltas still sent
     after a cancel (in flight). echo_output_format: lie about the output format in session.updated.
     tones: the tone frequency of each audio response in turn (330 Hz once the list runs out), so a test can
     tell responses apart in what the caller heard.
@@ -377,7 +377,7 @@ class OpenAIFake(FakeServer):
                          "part": {"type": "audio", "transcript": ""}})
         fmt = self._fmt(s, "output")
         rate = 24000 if fmt["type"] == "audio/pcm" else 8000
-        sent, extra = 0.0, 0
+        sent, extra, sends, t0 = 0.0, 0, 0, time.monotonic()
         index = sum(1 for x in s.responses[: s.responses.index(r)] if x.kind == "audio")
         freq = self.tones[index] if index < len(self.tones) else 330.0
         while sent < self.reply_ms:
@@ -391,7 +391,8 @@ class OpenAIFake(FakeServer):
             self.send(conn, {"type": "response.output_audio.delta", **ids, "delta": b64(payload)})
             sent += self.delta_ms
             s.item_audio_ms[item_id] = sent
-            gevent.sleep(self.delta_interval)
+            sends += 1  # on a clock: delta_interval == delta_ms / 1000 streams at exactly real time, no drift
+            gevent.sleep(max(0.0, t0 + sends * self.delta_interval - time.monotonic()))
         r.done = True
         self.send(conn, {"type": "response.output_audio.done", **ids})
         if r.cancel_reason:

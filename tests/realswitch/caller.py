@@ -60,6 +60,11 @@ class Caller:
         uuid = self.b if leg == "b" else self.a
         return [e for e in self.probe.events[self._mark:] if e.uuid == uuid and e.name == name]
 
+    def playbacks(self) -> list[tuple[str, str, str]]:
+        """(PLAYBACK_START|PLAYBACK_STOP, file, status) on the B leg, in the order FreeSWITCH sent them."""
+        return [(e.name, e.get("Playback-File-Path"), e.get("Playback-Status")) for e in self.probe.events[self._mark:]
+                if e.uuid == self.b and e.name in ("PLAYBACK_START", "PLAYBACK_STOP")]
+
     def wait(self, match, timeout: float = 10.0, what: str = "event") -> Event:
         return self.probe.wait_event(match, timeout, what, self._mark)
 

@@ -32,6 +32,11 @@ class Piece:
         return self.end - self.start
 
     @property
+    def sound_seconds(self) -> float:
+        """How much was heard: the piece less its holes."""
+        return self.seconds - sum(ms for _at, ms in self.holes) / 1000.0
+
+    @property
     def max_hole_ms(self) -> float:
         return max((ms for _at, ms in self.holes), default=0.0)
 

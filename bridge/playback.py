@@ -348,24 +348,37 @@ class BroadcastPlayer(Player):
 
 
 class StreamPlayer(Player):
-    """Paced binary frames back on the fork socket; `send_binary`/`send_text` write to that socket."""
+    """Paced binary frames back on the fork socket; `send_binary`/`send_text` write to that socket.
 
-    FRAME_MS = 20
+    jambonz's mod_audio_fork holds what it receives in a pre-buffer until it has 1280 * factor samples (stream
+    rate; factor = stream rate / codec rate, at least 1: 160 ms on an 8 kHz channel) for the first batch, then
+    640 * factor for every later one, and only then moves it to the playout buffer;
+    killAudio empties the playout buffer but never the pre-buffer (docs/playback.md). So every message we send
+    is at least the threshold: nothing ever waits in the pre-buffer, a reply's end is padded with silence to it
+    (else its last ~60 ms would be heard at the start of the next reply), and a barge-in leaves nothing behind.
+    """
+
     LEAD_MS = 60
 
     def __init__(self, send_binary: Callable[[bytes], None], send_text: Callable[[str], None], rate: int,
-                 **callbacks) -> None:
+                 codec_rate: int = 0, **callbacks) -> None:
         super().__init__(rate, **callbacks)
         self.send_binary = send_binary
         self.send_text = send_text
-        self.frame_bytes = int(self.bytes_per_ms * self.FRAME_MS)
-        self.prebuffer_ms = 1280 * 1000.0 / rate
+        # thresholds in samples at our (the stream's) rate; an unknown codec rate is taken as 8 kHz, whose
+        # thresholds are the larger ones (a message above the threshold is always moved on whole)
+        factor = max(1, rate // (codec_rate or 8000))
+        # the module resamples each batch with a stateful resampler, which keeps the last few ms of a batch
+        # until the next one: a batch of silence pushes them out (at a reply's end, and before a killAudio)
+        self._resampled = rate != (codec_rate or 8000)
+        self._later_batch_bytes = 640 * factor * 2
+        self._batch_bytes = 1280 * factor * 2  # the module's threshold for the next message
         self._queue: list[tuple[str, bytes]] = []
         self._buffer = bytearray()
         self._buffer_response = ""
         self._pacer: gevent.Greenlet | None = None
         self._sent_ms: dict[str, float] = {}
-        self._first_sent_at: dict[str, float] = {}
+        self._heard_from: dict[str, float] = {}  # when the caller starts hearing each response
         self._clock_start = 0.0  # the pacing clock: when it started and how much it has sent since
         self._clock_sent_ms = 0.0
 
@@ -376,32 +389,45 @@ class StreamPlayer(Player):
         self.received_ms[response_id] = self.received_ms.get(response_id, 0.0) + self._ms(len(pcm))
         self._buffer += pcm
         self._drain_buffer(final=False)
-        if self._pacer is None or self._pacer.dead:
+        if self._queue and (self._pacer is None or self._pacer.dead):
             self._pacer = gevent.spawn(self._pace)
 
     def response_done(self, response_id: str) -> None:
         if response_id == self._buffer_response:
             self._drain_buffer(final=True)
+            if self._queue and (self._pacer is None or self._pacer.dead):
+                self._pacer = gevent.spawn(self._pace)
 
     def _drain_buffer(self, final: bool) -> None:
-        while len(self._buffer) >= self.frame_bytes or (final and len(self._buffer) >= 2):
-            size = min(self.frame_bytes, len(self._buffer) - len(self._buffer) % 2)
-            self._queue.append((self._buffer_response, bytes(self._buffer[:size])))
-            del self._buffer[:size]
+        """Whole batches go to the queue; at a reply's end the rest too, padded with silence to a batch."""
+        while len(self._buffer) >= self._batch_bytes:
+            self._queue.append((self._buffer_response, bytes(self._buffer[:self._batch_bytes])))
+            del self._buffer[:self._batch_bytes]
+            self._batch_bytes = self._later_batch_bytes
+        if final and (len(self._buffer) >= 2 or (self._resampled and self._buffer_response in self._sent_ms)):
+            tail = bytes(self._buffer[: len(self._buffer) - len(self._buffer) % 2])
+            self._queue.append((self._buffer_response, tail + bytes(self._batch_bytes - len(tail))))
+            self._batch_bytes = self._later_batch_bytes
+        if final:
+            self._buffer.clear()
+
+    def _ahead_ms(self) -> float:
+        return self._clock_sent_ms - (time.monotonic() - self._clock_start) * 1000.0
 
     def _pace(self) -> None:
         """Real time plus LEAD_MS. The clock survives short gaps between engine bursts: a restarted pacer
         must not send another full lead on top of audio FreeSWITCH has not played yet."""
-        if self._clock_sent_ms - (time.monotonic() - self._clock_start) * 1000.0 <= 0:
+        if self._ahead_ms() <= 0:
             self._clock_start, self._clock_sent_ms = time.monotonic(), 0.0  # drained: start afresh
         while self._queue:
-            ahead = self._clock_sent_ms - (time.monotonic() - self._clock_start) * 1000.0
+            ahead = self._ahead_ms()
             if ahead > self.LEAD_MS:
                 gevent.sleep((ahead - self.LEAD_MS) / 1000.0)
                 continue
             response_id, frame = self._queue.pop(0)
-            if response_id not in self._first_sent_at:
-                self._first_sent_at[response_id] = time.monotonic()
+            if response_id not in self._heard_from:
+                # heard once what is already in FreeSWITCH's playout buffer has played
+                self._heard_from[response_id] = time.monotonic() + max(0.0, ahead) / 1000.0
                 self.current = response_id
                 self.on_first_heard(response_id)
             try:
@@ -417,8 +443,8 @@ class StreamPlayer(Player):
     def playing(self) -> bool:
         if self._queue or self._buffer:
             return True
-        first = self._first_sent_at.get(self.current)
-        return first is not None and (time.monotonic() - first) * 1000.0 < self._sent_ms.get(self.current, 0.0)
+        start = self._heard_from.get(self.current)
+        return start is not None and (time.monotonic() - start) * 1000.0 < self._sent_ms.get(self.current, 0.0)
 
     def stop(self) -> Heard | None:
         if not self.playing:
@@ -431,13 +457,14 @@ class StreamPlayer(Player):
             self._pacer = None
         self._clock_sent_ms = 0.0  # FreeSWITCH's buffer is cleared with it
         with contextlib.suppress(Exception):
+            if self._resampled and self._sent_ms:
+                self.send_binary(bytes(self._later_batch_bytes))  # out of the resampler, then cleared with it
             self.send_text('{"type":"killAudio"}')
         dropped = tuple(dict.fromkeys([self.current, *queued, self._buffer_response] if self.current
                                       else [*queued, self._buffer_response]))
         response = self.current or self._buffer_response
-        first = self._first_sent_at.get(response)
-        # FreeSWITCH holds back 1280 samples before it starts playing streamed audio (mod_audio_fork §6)
-        played = 0.0 if first is None else (time.monotonic() - first) * 1000.0 - self.prebuffer_ms
+        start = self._heard_from.get(response)
+        played = 0.0 if start is None else (time.monotonic() - start) * 1000.0
         played = max(0.0, min(played, self._sent_ms.get(response, 0.0)))
         received = self.received_ms.get(response, 0.0)
         return Heard(response, int(min(played, received)), int(received), tuple(r for r in dropped if r))

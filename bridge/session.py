@@ -176,7 +176,8 @@ class MediaSession:
         self.hooks.mark("fork_connected", {})
         if self.options.playback == "stream":
             self.player = StreamPlayer(self._send_binary, self._send_text, self.info.sample_rate,
-                                       on_first_heard=self._first_heard, on_underrun=self._underrun)
+                                       codec_rate=self.options.channel_rate, on_first_heard=self._first_heard,
+                                       on_underrun=self._underrun)
             self.control.keep_writing()
             early, self._early_audio = self._early_audio, []
             for audio, response_id in early:

@@ -62,7 +62,12 @@ def parse_rate(tok: str) -> int:
 
 
 class BidirBuffer:
-    """jambonz playout buffer: pre-buffers, resamples to the codec rate, tracks marks."""
+    """jambonz's streamed-audio path (lws_glue.cpp at the bundled commit): what the server sends collects in a
+    pre-buffer (stream rate) until it holds 320 * factor * 4 samples for the first batch, 320 * factor * 2 for
+    every later one (factor = stream rate / codec rate, at least 1); then the batch is resampled to the codec
+    rate and moved to the playout buffer, which the channel's written frames take from (a short frame when it
+    runs low). killAudio empties the playout buffer only: samples still in the pre-buffer stay there.
+    """
 
     def __init__(self, stream_rate: int, codec_rate: int) -> None:
         self.stream_rate = stream_rate
@@ -72,10 +77,10 @@ class BidirBuffer:
             if stream_rate != codec_rate
             else None
         )
+        self.factor = max(1, stream_rate // codec_rate) if codec_rate else 1
+        self.threshold = 320 * self.factor * 4
+        self.prebuf = np.zeros(0, np.int16)
         self.buf = np.zeros(0, np.int16)
-        ratio = max(1, stream_rate // codec_rate) if codec_rate else 1
-        self.threshold = int(1280 * ratio * codec_rate / stream_rate)
-        self.primed = False
         self._carry = b""
         self.pushed = 0
         self.played = 0
@@ -87,20 +92,19 @@ class BidirBuffer:
             self._carry, data = data[-1:], data[:-1]
         else:
             self._carry = b""
-        s = np.frombuffer(data, dtype="<i2").astype(np.int16)
+        self.prebuf = np.concatenate([self.prebuf, np.frombuffer(data, dtype="<i2").astype(np.int16)])
+        if len(self.prebuf) < self.threshold:
+            return
+        self.threshold = 320 * self.factor * 2  # after the first batch
+        whole = len(self.prebuf) - len(self.prebuf) % self.factor
+        batch, self.prebuf = self.prebuf[:whole], self.prebuf[whole:]
         if self._rs is not None:
-            s = np.asarray(self._rs.resample_chunk(s), dtype=np.int16)
-        self.buf = np.concatenate([self.buf, s])
-        self.pushed += len(s)
+            batch = np.asarray(self._rs.resample_chunk(batch), dtype=np.int16)
+        self.buf = np.concatenate([self.buf, batch])
+        self.pushed += len(batch)
 
     def pull(self, n: int) -> np.ndarray | None:
-        if not self.primed:
-            if len(self.buf) < self.threshold or len(self.buf) == 0:
-                return None
-            self.primed = True
         if len(self.buf) == 0:
-            self.primed = False
-            self.threshold = max(1, self.threshold // 2)
             return None
         chunk, self.buf = self.buf[:n], self.buf[n:]
         self.played += len(chunk)
@@ -109,8 +113,8 @@ class BidirBuffer:
         return chunk
 
     def clear(self) -> None:
+        """killAudio / stop_play: the playout buffer only."""
         self.buf = np.zeros(0, np.int16)
-        self.primed = False
 
 
 class ForkBug(MediaBug):

@@ -9,8 +9,7 @@ whole replies, the cut on barge-in, the next reply after it. mod_audio_stream ca
 plays by broadcast.
 
 Timing figures (first-audio delay, holes, barge-in stop time) are kept as test properties (see them with
-`--junitxml=x.xml -o junit_family=legacy`); the asserts only separate right from wrong. A known defect is shown,
-not hidden: once everything else in the scenario has passed, the test ends as xfail naming it.
+`--junitxml=x.xml -o junit_family=legacy`); the asserts only separate right from wrong.
 """
 
 from __future__ import annotations
@@ -59,12 +58,9 @@ OPENAI_ROUTE = """
   no_audio_timeout: 20s
 """
 
-DEFECT_STALE_TAIL = (
-    "KNOWN DEFECT (daemon vs jambonz mod_audio_fork): audio of the interrupted/finished reply is heard at the start "
-    "of the next one. The module holds streamed samples in a pre-buffer until 80 ms (160 ms for the first batch) "
-    "have arrived; killAudio empties only the playout buffer, never that pre-buffer, and a reply's last frames "
-    "(less than 80 ms) stay in it until the next reply's frames push them out. StreamPlayer sends 20 ms frames "
-    "and never tops the pre-buffer up (e.g. silence up to the threshold at a reply's end and before killAudio).")
+STALE_LIMIT_S = 0.005  # more of an earlier reply than this, heard inside a later one, is a defect
+# (The jambonz module keeps what it receives in a pre-buffer until a threshold and killAudio never empties it;
+# the daemon sends batches of at least the threshold and pads each reply's end: docs/playback.md.)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
@@ -194,11 +190,8 @@ def test_streamed_echo_at_pitch_cut_by_barge_in_then_streams_the_next_reply(tmp_
     record_property("barge_in_played_ms_told_vs_heard_ms", [barge_in["played_ms"], _ms(first.seconds)])
     record_property("holes_ms", [[round(float(ms), 1) for _at, ms in p.holes] for p in heard])
     record_property("stale_440_heard_ms", _ms(stale_s))
-    if stale_at is not None:
-        # DEFECT, shown not hidden: everything above (the second reply included) was right, but audio of the
-        # interrupted reply came back when the next one started
-        pytest.xfail(f"{DEFECT_STALE_TAIL} Here: the interrupted 440 Hz echo was heard again when the 660 Hz echo "
-                     f"began. {_describe(rec)}")
+    # nothing of the interrupted reply is heard later (the module's pre-buffer and resampler held none back)
+    assert stale_s < STALE_LIMIT_S, f"the interrupted echo was heard again at {stale_at}: {_describe(rec)}"
 
 
 # ---- 2. the OpenAI protocol, streamed back ---------------------------------------------------------------------------
@@ -249,11 +242,8 @@ def test_openai_greeting_and_reply_streamed_at_their_tones(tmp_path, jambonz, jp
     record_property("holes_ms", [[round(float(ms), 1) for _at, ms in p.holes] for p in heard])
     record_property("heard_ms", [_ms(p.seconds) for p in heard])
     record_property("greeting_tail_heard_late_ms", _ms(late_s))
-    if late_at is not None:
-        # DEFECT, shown not hidden: both responses were heard at their tones, but the greeting's last frames
-        # waited in the module until the reply pushed them out (and the reply's own last frames were never heard)
-        pytest.xfail(f"{DEFECT_STALE_TAIL} Here: the greeting's 300 Hz tail was heard only when the reply began. "
-                     f"{_describe(rec)}")
+    # the greeting's end was heard with the greeting, not held back until the reply pushed it out
+    assert late_s < STALE_LIMIT_S, f"greeting audio heard late at {late_at}: {_describe(rec)}"
 
 
 # ---- 3. mod_audio_stream, played by broadcast -----------------------------------------------------------------------

@@ -58,7 +58,8 @@ def test_routed_call_gets_one_fork_with_a_valid_token_and_unrouted_gets_nothing(
         assert json.loads(words[6]) == {"uuid": ours.uuid, "did": "7100", "route": "desk"}
         assert len(words) == 7  # compact metadata: no spaces
         assert ours.fork.metadata == words[6]
-        assert sw.commands_for(stranger.uuid) == []
+        # the resync may read a parked call's variables; nothing that acts on it is sent
+        assert [c for c in sw.commands_for(stranger.uuid) if c.command not in ("uuid_getvar", "uuid_exists")] == []
 
 
 @pytest.mark.parametrize(("policy", "expected"), [("forward", ["1", "2", "#"]), ("collect", ["12"])])

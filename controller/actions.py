@@ -102,6 +102,10 @@ class EslCallControl:
         self._queue = remaining
         self._put("break", f"uuid_break {self.uuid} all", urgent=True)
 
+    def drop_queued_plays(self) -> None:
+        """Forget files not yet sent, without a break: the channel plays someone else's applications now."""
+        self._queue = deque(item for item in self._queue if item[0] not in ("play", "writer", "break"))
+
     def break_current(self) -> None:
         """Stop only the file playing now; what is queued behind it plays on."""
         self._put("break", f"uuid_break {self.uuid}", urgent=True)

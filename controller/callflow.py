@@ -91,6 +91,9 @@ class Controller:
 
     def _on_execute_complete(self, call: Call, event: Event) -> None:
         """A file FreeSWITCH could not play (spool permissions, a missing prompt) must not mean silence."""
+        if event.get("Application") == "park":
+            self._left_park(call, event)
+            return
         if event.get("Application") != "playback" or event.get("Application-Response") not in PLAYBACK_FAILURES:
             return
         path = event.get("Application-Data")
@@ -317,6 +320,27 @@ class Controller:
         if call.media is not None and not keep_media:
             gevent.spawn(call.media.close, reason)
         return True
+
+    def _left_park(self, call: Call, event: Event) -> None:
+        """The channel left our park while we still held it and it was not hung up: someone else (another ESL
+        client's uuid_transfer, an operator's fs_cli) moved it. FreeSWITCH then sends CHANNEL_UNPARK and
+        CHANNEL_EXECUTE_COMPLETE for park with `Answer-State: answered` (a uuid_kill sends them too, but after
+        CHANNEL_HANGUP). The call is theirs now: stop the fork, close the engine, delete the orphan timer,
+        release our marker; never a fallback."""
+        if not call.live or event.get("Answer-State") == "hangup" or event.get("Hangup-Cause"):
+            return  # our own transfer or hangup, or the caller leaving
+        where = event.get("Caller-Destination-Number")
+        if not self._let_go(call, "transferred_away", "transferred_away"):
+            return
+        call.log.warning("the call was moved out of our park by someone else (now at %s): letting it go", where)
+        call.transfer_target = where
+        control: EslCallControl = call.control
+        control.drop_queued_plays()  # no uuid_break: what plays now is the new owner's
+        control.disarm_orphan_timer()
+        control.stop_forking()
+        if control.marker:
+            control.setvar(control.marker, "released")
+        gevent.spawn(self._release_after_transfer, call)
 
     def fallback(self, call: Call, reason: str) -> None:
         """Engine/fork/timeout/shutdown trouble: the route's prompt, then transfer or hangup. Never silence."""

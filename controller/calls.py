@@ -42,7 +42,7 @@ class Call:
     answered_at: float = field(default_factory=time.monotonic)
     answered_wall: float = field(default_factory=time.time)
     ended_at: float | None = None
-    outcome: str = ""  # completed | fallback_transfer | fallback_hangup | transferred | error
+    outcome: str = ""  # completed | fallback_transfer | fallback_hangup | transferred | transferred_away | error
     end_reason: str = ""
     fork_attempts: int = 0
     transfer_target: str = ""  # where the call was sent, once it was

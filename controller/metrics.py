@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-OUTCOMES = ("completed", "fallback_transfer", "fallback_hangup", "error")
+OUTCOMES = ("completed", "fallback_transfer", "fallback_hangup", "transferred_away", "error")
 DIRECTIONS = ("in", "out")
 NO_ROUTE = "none"
 OTHER = "other"
@@ -70,7 +70,7 @@ class Metrics:
             ["route"], registry=r)
         self.calls_total = Counter(
             "forkbridge_calls", "Finished calls by route, engine and outcome "
-            "(completed, fallback_transfer, fallback_hangup, error).",
+            "(completed, fallback_transfer, fallback_hangup, transferred_away, error).",
             ["route", "engine", "outcome"], registry=r)
         self.call_duration = Histogram(
             "forkbridge_call_duration_seconds", "Answered call duration, from answer to hangup.",

@@ -589,11 +589,8 @@ class Channel:
         self.queue.clear()
         self.leading = None
         self._stop_all("break")
-        if self.parked:
-            self.parked = False
-            self.fire("CHANNEL_UNPARK")
-            self._execute_complete("park", "", "_none_", str(uuidlib.uuid4()))
-        self.profile["transfer_source"] = f"{int(time.time())}:{self.uuid}:uuid_br:{dest}/{dialplan}/{context}"
+        # the new caller profile is in place before the park ends: CHANNEL_UNPARK already shows it (observed)
+        self.profile["transfer_source"] = f"{int(time.time())}:{self.uuid}:bl_xfer:{dest}/{context}/{dialplan}"
         self.variables["transfer_history"] = self.profile["transfer_source"]
         self.variables["transfer_source"] = self.profile["transfer_source"]
         self.profile["destination"] = dest
@@ -601,6 +598,10 @@ class Channel:
         self.profile["context"] = context
         self.profile["index"] += 1
         self.variables["destination_number"] = dest
+        if self.parked:
+            self.parked = False
+            self.fire("CHANNEL_UNPARK")
+            self._execute_complete("park", "", "_none_", str(uuidlib.uuid4()))
         self._set_state("CS_ROUTING", 3)
         self._set_state("CS_EXECUTE", 4)
         if dialplan == "inline":

@@ -174,8 +174,9 @@ class FSim:
             return None
         out = {"playback_terminators": "none", "park_timeout": "3600:NORMAL_CLEARING"}
         out.update(self.dialplan_vars)
-        if self.marker:
+        if self.marker:  # as dialplan/forkbridge.xml does: the marker, and the DID without its '+'
             out[self.marker[0]] = self.marker[1]
+            out.setdefault("forkbridge_did", did.lstrip("+"))
         return out
 
     def place_call(

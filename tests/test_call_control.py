@@ -130,6 +130,45 @@ def test_calls_during_an_outage_are_resynced(tmp_path):
         assert len(fork_starts(sw, answered.uuid)) == 1
 
 
+def test_a_plus_number_answered_during_an_outage_is_picked_up(tmp_path):
+    """The resync routes by the dialplan's forkbridge_did (15557654321), as live routing does, not by `dest`."""
+    routes = ROUTES.format(dtmf="forward", prompt=prompt_file(tmp_path)).replace('did: "7100"',
+                                                                                 'did: ["15557654321"]')
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw, routes=routes)) as daemon:
+        sw.esl.stop_listening()
+        sw.faults.drop_esl("eof")
+        wait_until(lambda: not daemon.esl.connected, what="the daemon to notice")
+        call = sw.place_call(did="+15557654321", script=TALKING)
+        assert call.wait_answered(5)
+        sw.restart_esl(keep_channels=True)
+        wait_until(lambda: answered_and_forked(call), what="the +1555 call to be picked up and forked")
+        assert daemon.controller.calls.get(call.uuid).did == "15557654321"
+
+
+def answered_and_forked(call) -> bool:
+    return call.fork is not None and call.fork.connected.is_set()
+
+
+def test_a_transfer_made_by_someone_else_lets_the_call_go(tmp_path):
+    """Another ESL client moves our parked caller to a human: we stop the fork, close the engine, delete the
+    orphan timer and record transferred_away; no fallback, and max_duration can no longer touch the call."""
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
+        call = sw.place_call(did="7100", script=TALKING)
+        wait_until(lambda: answered_and_forked(call), what="the fork")
+        ours = daemon.controller.calls.get(call.uuid)
+        assert sw.api(f"uuid_transfer {call.uuid} 3000 XML default").startswith("+OK")
+        wait_until(lambda: ours.gone.is_set(), what="the daemon to let go")
+        assert ours.outcome == "transferred_away" and ours.transfer_target == "3000"
+        assert not any(n == "fallback_done" for _t, n, _d in ours.timeline)
+        ours_sent = [c.command for c in sw.commands_for(call.uuid) if c.kind != "local"]
+        assert "uuid_transfer" not in ours_sent  # only the other client's transfer: the daemon sent none
+        wait_until(lambda: not call.bugs, what="the fork to be stopped")
+        wait_until(lambda: f"forkbridge-{call.uuid}" not in [g for g, _t in sw.tasks.values()],
+                   what="the orphan timer to be deleted")
+        assert call.variables.get("forkbridge") == "released"
+        assert call.transferred_to == "3000" and call.alive  # the caller is with the human now
+
+
 @pytest.mark.parametrize(("trigger", "engines", "extra"), [
     ("engine_refused", "bot: {type: echo, refuse: true}", ""),
     ("engine_dropped", "bot: {type: echo, drop_after_s: 1}", ""),

@@ -28,7 +28,8 @@ def _when(event: Event) -> float:
 
 class Caller:
     def __init__(self, switch: FreeSwitch, probe: Probe, workdir: Path, audio: Signal, did: str = "7100",
-                 name: str = "caller") -> None:
+                 name: str = "caller", hangs_up: bool = False) -> None:
+        """`hangs_up`: the caller hangs up when its audio ends (else it stays on the line, silent)."""
         self.switch = switch
         self.probe = probe
         self.did = did
@@ -40,11 +41,12 @@ class Caller:
         self.recording_path = workdir / f"{name}-heard.wav"
         self._mark = 0
         self.rec_t0 = 0.0  # wall-clock time of the recording's first sample
+        self.last_app = "hangup" if hangs_up else "park"
 
     def dial(self, variables: str = "", timeout: float = 10.0) -> Caller:
         self._mark = len(self.probe.events)
         app = (f"'set:RECORD_STEREO=true,record_session:{self.recording_path},playback:{self.wav},"
-               f"park' inline")
+               f"{self.last_app}' inline")
         reply = self.probe.api(f"originate {{origination_uuid={self.a}{variables}}}loopback/{self.did}/public {app}")
         assert reply.startswith("+OK"), f"originate refused: {reply.strip()}"
         answer = self.probe.wait_event(

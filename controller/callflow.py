@@ -57,6 +57,7 @@ class Controller:
         self.bridge_url = config.bridge_url  # the daemon corrects it once the server knows its port
         self.stats: Any = None  # audio counters handed to each media session
         self.stream_supported: bool | None = None  # can mod_audio_fork stream audio back? (None: not known yet)
+        self.unrouted_counter: Any = None  # the metric of marked calls no route matched
 
     # ---- event dispatch -----------------------------------------------------------------------------
 
@@ -126,11 +127,26 @@ class Controller:
             return None
         did = self._did(event)
         route = self.config.route_for(did)
-        if route is None:  # not ours to touch, but the caller is parked in silence: say so loudly
-            call_logger(event.uuid, did).warning(
-                "the dialplan marked this call as ours but no route matches DID %s: it stays parked until the "
-                "dialplan's park_timeout; align dialplan/forkbridge.xml with the routes", did)
+        if route is None:
+            self._unrouted(event.uuid, did)
         return route
+
+    def _unrouted(self, uuid: str, did: str) -> None:
+        """The dialplan marked the call as ours but no route matches its DID (dialplan and routes drifted apart,
+        e.g. a SIGHUP removed a route): never leave that caller parked. FreeSWITCH itself plays defaults'
+        fallback prompt and transfers or hangs up (one inline-dialplan transfer, nothing for us to wait on);
+        our marker is released first so a resync never looks at the call again."""
+        fallback = self.config.unrouted
+        call_logger(uuid, did).error(
+            "the dialplan marked this call as ours but no route matches DID %s: defaults.fallback (%s); align "
+            "dialplan/forkbridge.xml with the routes", did, fallback.describe())
+        if self.unrouted_counter is not None:
+            self.unrouted_counter.inc()
+        apps = [f"playback:{fallback.prompt}"] if fallback.prompt else []
+        apps.append(f"transfer:{fallback.transfer}" if fallback.transfer else f"hangup:{fallback.hangup_cause}")
+        marker = self.config.esl.marker_variable
+        gevent.spawn(self._quiet_apis, f"uuid_setvar {uuid} {marker} released",
+                     f"uuid_transfer {uuid} '{','.join(apps)}' inline")
 
     def _on_answer(self, event: Event) -> None:
         if self.calls.get(event.uuid) is not None:
@@ -464,6 +480,8 @@ class Controller:
             did = did_var if did_var and did_var != "_undef_" else row.get("dest", "")
             route = self.config.route_for(did)
             if route is None:
+                if marker.strip().lower() == "true":
+                    self._unrouted(uuid, did)
                 continue
             if marker.strip().lower() == "true" and self.calls.get(uuid) is None:  # its ANSWER may have come
                 call_logger(uuid, did).info("answered while ESL was down: picking it up")
@@ -474,6 +492,10 @@ class Controller:
         assert self.esl is not None
         with contextlib.suppress(EslError):
             self.esl.api(command)
+
+    def _quiet_apis(self, *commands: str) -> None:
+        for command in commands:
+            self._quiet_api(command)
 
     def _finish_ending(self, call: Call) -> None:
         """A fallback or hangup whose commands were lost with the connection: send its last step again."""

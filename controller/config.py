@@ -151,6 +151,7 @@ class Config:
     engines: Mapping[str, EngineConfig]
     routes: tuple[Route, ...]
     secrets: tuple[str, ...] = ()
+    unrouted: Fallback = Fallback()  # for a marked call no route matches (the dialplan and routes drifted apart)
 
     def route_for(self, did: str) -> Route | None:
         """First match wins, as in a FreeSWITCH dialplan."""
@@ -590,24 +591,30 @@ def parse_config(text: str, path: str, env: Mapping[str, str]) -> Config:
         dm.bad("orphan_timeout", "use at least 10s (or 0 to turn the safety net off)")
 
     engines = _read_engines(reader, top.node("engines"))
-    routes = _read_routes(reader, top, engines)
+    routes, unrouted = _read_routes(reader, top, engines)
 
     if reader.problems:
         raise ConfigError(reader.problems)
     secrets = tuple(sorted({s for s in _collect_secrets(esl, bridge, engines) if s}))
     return Config(path=path, esl=esl, bridge=bridge, metrics=MetricsConfig(m_host, m_port), logging=logging_cfg,
-                  daemon=daemon, engines=engines, routes=routes, secrets=secrets)
+                  daemon=daemon, engines=engines, routes=routes, secrets=secrets, unrouted=unrouted)
 
 
-def _read_routes(reader: _Reader, top: _Section, engines: Mapping[str, EngineConfig]) -> tuple[Route, ...]:
+def _read_routes(reader: _Reader, top: _Section,
+                 engines: Mapping[str, EngineConfig]) -> tuple[tuple[Route, ...], Fallback]:
+    """The routes, and the fallback for a call the dialplan marked as ours that no route matches
+    (defaults.fallback; hang up when there is none)."""
     defaults = top.node("defaults")
+    unrouted = Fallback()
     if defaults is not None and defaults.value is not None:
         # Checked on its own so a typo in defaults is reported at its own line.
-        _Section(reader, defaults, "defaults", tuple(k for k in _ROUTE_KEYS if k not in ("did", "pattern", "name")))
+        sec = _Section(reader, defaults, "defaults",
+                       tuple(k for k in _ROUTE_KEYS if k not in ("did", "pattern", "name")))
+        unrouted = _read_fallback(sec)
     node = top.node("routes")
     if node is None or not isinstance(node.value, list) or not node.value:
         reader.error(node.line if node else 1, "routes", "expected a non-empty list of routes")
-        return ()
+        return (), unrouted
     routes: list[Route] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(node.value):
@@ -619,7 +626,7 @@ def _read_routes(reader: _Reader, top: _Section, engines: Mapping[str, EngineCon
                 reader.error(item.line, f"routes[{i}].did", f"DID {did} is already routed by routes[{seen[did]}]")
             seen.setdefault(did, i)
         routes.append(route)
-    return tuple(routes)
+    return tuple(routes), unrouted
 
 
 def _collect_secrets(esl: EslConfig, bridge: BridgeConfig, engines: Mapping[str, EngineConfig]) -> list[str]:

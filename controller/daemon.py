@@ -52,6 +52,7 @@ class Daemon:
             on_state=self._esl_state)
         self.controller.esl = self.esl
         self.controller.stats = AudioCounters(self.metrics)
+        self.controller.unrouted_counter = self.metrics.unrouted_calls
         self.bridge = BridgeServer(config.bridge.listen_host, config.bridge.listen_port, self.tokens,
                                    lookup=self._media_for, max_frame_bytes=config.bridge.max_frame_bytes,
                                    on_fork_closed=self.controller.fork_closed,

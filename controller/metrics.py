@@ -101,6 +101,9 @@ class Metrics:
             "forkbridge_fork_connect_failures",
             "Fork starts that did not reach the bridge (mod_audio_fork::connect_failed, "
             "mod_audio_stream::error).", ["route"], registry=r)
+        self.unrouted_calls = Counter(
+            "forkbridge_unrouted_calls", "Calls the dialplan marked as ours that no route matches (given "
+            "defaults.fallback at once): the dialplan and the routes disagree.", registry=r)
         self.engine_errors = Counter(
             "forkbridge_engine_errors", "Errors reported by or about an AI engine, by engine and error code.",
             ["engine", "code"], registry=r)

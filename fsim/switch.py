@@ -365,7 +365,7 @@ def _uuid_kill(sw: FSim, args: str) -> str:
 
 
 def _uuid_transfer(sw: FSim, args: str) -> str:
-    a = args.split()
+    a = wire.separate_string(args, 6)  # quote-aware: an inline dialplan is one quoted argument
     usage = "-USAGE: <uuid> [-bleg|-both] <dest-exten> [<dialplan>] [<context>]\n"
     if len(a) < 2:
         return usage

@@ -43,8 +43,8 @@ def fork_starts(sw, uuid):
     return [c for c in sw.commands_for(uuid) if c.command == "uuid_audio_fork" and " start " in f" {c.args} "]
 
 
-def test_routed_call_gets_one_fork_with_a_valid_token_and_unrouted_gets_nothing(tmp_path):
-    with FSim() as sw, running_daemon(config_for(tmp_path, sw)):
+def test_routed_call_gets_one_fork_with_a_valid_token_and_a_marked_unrouted_one_its_fallback(tmp_path):
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
         stranger = sw.place_call(did="9999", script=TALKING)
         ours = sw.place_call(did="7100", script=TALKING)
         wait_until(lambda: ours.fork is not None and ours.fork.connected.is_set(), what="the fork to connect")
@@ -58,8 +58,15 @@ def test_routed_call_gets_one_fork_with_a_valid_token_and_unrouted_gets_nothing(
         assert json.loads(words[6]) == {"uuid": ours.uuid, "did": "7100", "route": "desk"}
         assert len(words) == 7  # compact metadata: no spaces
         assert ours.fork.metadata == words[6]
-        # the resync may read a parked call's variables; nothing that acts on it is sent
-        assert [c for c in sw.commands_for(stranger.uuid) if c.command not in ("uuid_getvar", "uuid_exists")] == []
+        # the stranger was marked by the dialplan but no route has 9999: never left parked, no fork, no engine;
+        # with no defaults.fallback it is hung up at once (by FreeSWITCH, through an inline dialplan)
+        assert stranger.wait_hangup(5)
+        acts = [(c.command, c.args) for c in sw.commands_for(stranger.uuid)
+                if c.command not in ("uuid_getvar", "uuid_exists")]
+        assert acts == [("uuid_setvar", f"{stranger.uuid} forkbridge released"),
+                        ("uuid_transfer", f"{stranger.uuid} 'hangup:NORMAL_CLEARING' inline")]
+        assert daemon.controller.calls.get(stranger.uuid) is None
+        assert daemon.metrics.unrouted_calls._value.get() == 1
 
 
 @pytest.mark.parametrize(("policy", "expected"), [("forward", ["1", "2", "#"]), ("collect", ["12"])])

@@ -68,6 +68,13 @@ def test_defaults_fill_routes_and_first_match_wins(tmp_path):
     assert "0123456789abcdef" in config.secrets
 
 
+def test_a_marked_call_no_route_matches_gets_defaults_fallback(tmp_path):
+    text = GOOD.replace("defaults:\n", "defaults:\n  fallback: {transfer: 1000 XML default}\n")
+    cfg = load_config(write(tmp_path, text), env={})
+    assert cfg.unrouted.transfer == "1000 XML default"
+    assert load_config(write(tmp_path, GOOD), env={}).unrouted.action == "hangup"  # no defaults.fallback
+
+
 def test_env_value_is_typed_like_yaml(tmp_path):
     text = GOOD.replace("  password:", "  port: ${ESL_PORT:-8022}\n  password:")
     assert load_config(write(tmp_path, text), env={"ESL_PORT": "9021"}).esl.port == 9021

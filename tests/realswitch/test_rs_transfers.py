@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fsim.audio import Silence
+from fsim.audio import Silence, Tone, write_wav
 from tests.fakes.openai_fake import OpenAIFake
 from tests.harness import load, running_daemon, wait_until, write_config
 from tests.realswitch.caller import Caller
@@ -100,3 +100,21 @@ def test_a_transfer_made_by_someone_else_makes_the_daemon_let_go(tmp_path, drach
     assert not any(n in ("fallback_done", "ending") and d.get("outcome", "").startswith("fallback")
                    for _t, n, d in call.timeline)
     assert _operator_heard(caller)
+
+
+def test_a_marked_call_no_route_matches_gets_the_default_fallback_at_once(tmp_path, drachtio, probe, fake):
+    """The dialplan answers 7101 for us but no route has it (they drifted apart): the caller hears defaults'
+    fallback prompt and reaches the operator, instead of waiting an hour in park."""
+    prompt = tmp_path / "sorry.wav"
+    write_wav(str(prompt), Tone(500, 0.6).render(8000), 8000)
+    extra = f"defaults:\n  fallback:\n    prompt: {prompt}\n    transfer: 7300 XML public\n"
+    engine = f"bot: {{type: openai_realtime, url: '{fake.url}', api_key: test-key, connect_timeout: 3s}}"
+    config = load(write_config(tmp_path, drachtio.esl_port, ROUTE, engines=engine, esl_password=PASSWORD,
+                               extra=extra))
+    with running_daemon(config) as daemon:
+        caller = Caller(drachtio, probe, tmp_path, Silence(2.5), did="7101", hangs_up=True).dial()
+        caller.wait_gone()
+        assert daemon.controller.calls.get(caller.b) is None and not fake.sessions
+        assert daemon.metrics.unrouted_calls._value.get() == 1
+    heard = caller.recording().heard(join_s=0.015)  # the one-frame hole between prompt and operator splits them
+    assert [round(p.freq, -1) for p in heard if p.seconds > 0.2][:2] == [500, OPERATOR_HZ], [str(p) for p in heard]

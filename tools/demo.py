@@ -125,7 +125,7 @@ def main() -> int:
             wait_for(lambda: esl_up(metrics_port), 20, "daemon readiness (/readyz)")
             print(f"demo: daemon ready; calling DID {DID}: speak 440 Hz, talk over the echo at 660 Hz, "
                   "press 1 2 #, hang up\n")
-            call = sw.place_call(did=DID, script=SCRIPT, rate=16000)
+            call = sw.place_call(did=DID, script=SCRIPT, rate=8000)  # a PSTN leg: PCMU, forked at 16 kHz
             wait_for(lambda: call.hungup.is_set(), 20, "hangup")
             records = work / "calls.jsonl"
             wait_for(lambda: records.exists() and records.read_text().strip(), 10, "call record")
@@ -146,7 +146,7 @@ def main() -> int:
         values = ", ".join(f"{v * 1000:.0f} ms" for v in lat.get(kind, [])) or "n/a"
         print(f"  {label:42s} {values}")
     print(f"\noutcome: {record['outcome']}; DTMF {''.join(d['digit'] for d in record['dtmf'])}; "
-          f"caller heard {call.ear.heard_seconds('broadcast:'):.2f}s of audio in {len(segments)} chunk(s)")
+          f"caller heard {call.ear.heard_seconds('broadcast:'):.2f}s of audio in {len(segments)} file(s)")
     return check(record, segments)
 
 

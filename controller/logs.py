@@ -30,6 +30,9 @@ MAX_TEMPORARY = 4096
 _URL_SECRET = re.compile(r"(?i)([?&;](?:token|access_token|api_key|apikey|key|password|secret|signature|sig)=)"
                          r"[^&\s\"'#<>]+")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}")
+# Temporary secrets (per-call tokens, thousands live at once) are not compiled into a pattern: every word-like run
+# of a line is looked up in a set instead, so a call's start and end cost O(1) however many calls are live.
+_WORD = re.compile(r"[A-Za-z0-9._~-]{" + str(MIN_SECRET_LEN - 1) + r",}[A-Za-z0-9_~-]")  # no trailing full stop
 
 _lock = threading.Lock()
 _permanent: set[str] = set()
@@ -50,8 +53,8 @@ def register_secret(value: str | None, temporary: bool = False) -> None:
             _temporary.move_to_end(value)
             while len(_temporary) > MAX_TEMPORARY:
                 _temporary.popitem(last=False)
-        else:
-            _permanent.add(value)
+            return  # the compiled pattern holds only permanent secrets: nothing to rebuild
+        _permanent.add(value)
         _pattern = None
 
 
@@ -59,21 +62,24 @@ def unregister_secret(value: str) -> None:
     """Forget a temporary secret (e.g. a call's token at hangup)."""
     global _pattern
     with _lock:
-        if value in _temporary:
-            del _temporary[value]
-            _pattern = None
+        _temporary.pop(value, None)
 
 
 def redact(text: str) -> str:
-    """`text` with every registered secret, URL secret parameter and Bearer credential replaced by ***."""
+    """`text` with every registered secret, URL secret parameter and Bearer credential replaced by ***.
+
+    A temporary secret is masked where it stands as a whole word (letters, digits and `._~-`), which is how a
+    per-call token appears; a permanent one anywhere."""
     global _pattern
     pattern = _pattern
     if pattern is None:
         with _lock:
-            values = sorted(_permanent | set(_temporary), key=len, reverse=True)
+            values = sorted(_permanent, key=len, reverse=True)
             pattern = re.compile("|".join(map(re.escape, values))) if values else re.compile(r"(?!x)x")
             _pattern = pattern
     text = pattern.sub(MASK, text)
+    if _temporary:
+        text = _WORD.sub(lambda m: MASK if m.group(0) in _temporary else m.group(0), text)
     text = _URL_SECRET.sub(r"\1" + MASK, text)
     return _BEARER.sub(r"\1 " + MASK, text)
 

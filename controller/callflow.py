@@ -448,7 +448,8 @@ class Controller:
         assert self.esl is not None
         self.check_modules()
         try:
-            rows = json.loads(self.esl.api("show channels as json") or "{}").get("rows") or []
+            # bgapi: with many channels `show` is slow, and an api would hold every call's events meanwhile
+            rows = json.loads(self.esl.bgapi("show channels as json") or "{}").get("rows") or []
         except (EslError, ValueError) as exc:
             log.warning("resync failed: %s", exc)
             return

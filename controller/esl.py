@@ -25,6 +25,8 @@ from greenswitch.esl import ESLEvent, InboundESL, NotConnectedError
 
 log = logging.getLogger("forkbridge.esl")
 
+DEAD_AFTER = 3  # a connection silent this many command timeouts while a command waits is dead
+
 
 class EslError(Exception):
     """A command could not be completed: not connected, timed out, or the connection dropped."""
@@ -69,6 +71,7 @@ class EslConnection(InboundESL):
         super().__init__(host, port, password, timeout=timeout)
         self.lost = gevent.event.Event()
         self.lost_reason = ""
+        self.last_rx = time.monotonic()  # when FreeSWITCH last sent anything on this connection
         self._send_lock = gevent.lock.Semaphore()
 
     def connect(self) -> None:
@@ -89,6 +92,7 @@ class EslConnection(InboundESL):
         return b"".join(chunks).decode("utf-8", errors="replace")
 
     def handle_event(self, event: ESLEvent) -> None:
+        self.last_rx = time.monotonic()
         ctype = event.headers.get("Content-Type", "")
         length = event.headers.get("Content-Length")
         try:
@@ -307,8 +311,13 @@ class EslClient:
             with gevent.Timeout(timeout):
                 return conn.send(text)
         except gevent.Timeout:
-            # A reply that never comes means a dead connection: replies are FIFO, so we cannot go on with it.
-            conn._mark_lost(f"no reply to a command within {timeout:.1f}s")
+            # FreeSWITCH runs an `api` in the connection's own thread: a slow one holds this connection's replies
+            # and events, it does not end it. The abandoned waiter stays first in line, so its late reply is
+            # matched to it (replies are FIFO) and the next command gets its own. Only a socket that has said
+            # nothing at all for DEAD_AFTER command timeouts is taken for dead.
+            silent = time.monotonic() - conn.last_rx
+            if silent > timeout * DEAD_AFTER:
+                conn._mark_lost(f"nothing from FreeSWITCH for {silent:.1f}s with a command waiting")
             raise EslError(f"timed out after {timeout:.1f}s") from None
         except (NotConnectedError, OSError) as exc:
             raise EslError(f"connection lost: {_describe(exc)}") from None

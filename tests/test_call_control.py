@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bridge.tokens import TokenBook
+from controller.esl import EslError
 from fsim import CallerScript, FSim, Silence, SpeechLike, Tone
 from fsim.audio import write_wav
 from tests.harness import SECRET, load, running_daemon, wait_until, write_config
@@ -231,3 +232,20 @@ def test_stream_playback_on_a_switch_that_cannot_stream_falls_back(tmp_path):
         assert fork_starts(sw, call.uuid) == []  # no fork whose replies the caller could never hear
         ended = wait_until(lambda: [c for c in daemon.ended_calls if c.uuid == call.uuid], what="the record")
         assert ended[0].end_reason == "stream_unsupported" and ended[0].outcome == "fallback_transfer"
+
+
+def test_a_slow_command_fails_alone_and_the_connection_carries_on(tmp_path):
+    """FreeSWITCH runs an api in the connection's thread: one slower than esl.command_timeout (2 s here) fails
+    that command, but the connection, and every call on it, carries on; the late reply is not taken as the
+    answer to the next command."""
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
+        call = sw.place_call(did="7100", script=CallerScript(audio=Tone(440, 1.0) + Silence(12.0), hangup_after=9.0))
+        wait_until(lambda: answered_and_forked(call), what="the fork")
+        sw.faults.delay_replies(2.5)
+        with pytest.raises(EslError, match="timed out"):
+            daemon.esl.api("module_exists mod_audio_fork")
+        sw.faults.delay_replies(0)
+        assert daemon.esl.api("show channels count").strip().endswith("total.")  # its own reply, not "true"
+        assert daemon.esl.connected and daemon.esl.reconnects == 0
+        wait_until(lambda: call.ear.heard_seconds("broadcast:") > 0.5, what="the echo, on the same connection")
+        assert call.wait_hangup(12) and call.transferred_to is None

@@ -154,8 +154,9 @@ class Controller:
         route = self._owned_route(event)
         if route is None:
             return
-        self.take(event.uuid, self._did(event), event.get("Caller-Caller-ID-Number"), route,
-                  codec=(event.get("Channel-Read-Codec-Name"), _int(event.get("Channel-Read-Codec-Rate"))))
+        call = self.take(event.uuid, self._did(event), event.get("Caller-Caller-ID-Number"), route,
+                         codec=(event.get("Channel-Read-Codec-Name"), _int(event.get("Channel-Read-Codec-Rate"))))
+        call.profile_index = event.get("Caller-Profile-Index")
 
     @staticmethod
     def _did(event: Event) -> str:
@@ -338,14 +339,30 @@ class Controller:
         return True
 
     def _left_park(self, call: Call, event: Event) -> None:
-        """The channel left our park while we still held it and it was not hung up: someone else (another ESL
-        client's uuid_transfer, an operator's fs_cli) moved it. FreeSWITCH then sends CHANNEL_UNPARK and
-        CHANNEL_EXECUTE_COMPLETE for park with `Answer-State: answered` (a uuid_kill sends them too, but after
-        CHANNEL_HANGUP). The call is theirs now: stop the fork, close the engine, delete the orphan timer,
-        release our marker; never a fallback."""
+        """The channel left our park while we still held it: either the caller hung up (on a loopback leg the
+        park's CHANNEL_EXECUTE_COMPLETE can come *before* CHANNEL_HANGUP, still `Answer-State: answered`) or
+        someone else (another ESL client's uuid_transfer, an operator at fs_cli) moved it. A transfer gives the
+        channel a new caller profile (`Caller-Profile-Index` one higher): then it is theirs at once. Without that
+        evidence (a call picked up by the resync), the hangup gets a moment to arrive, then `uuid_exists` decides."""
         if not call.live or event.get("Answer-State") == "hangup" or event.get("Hangup-Cause"):
             return  # our own transfer or hangup, or the caller leaving
-        where = event.get("Caller-Destination-Number")
+        index = event.get("Caller-Profile-Index")
+        if call.profile_index and index and index != call.profile_index:
+            self._transferred_away(call, event.get("Caller-Destination-Number"))
+        elif not call.profile_index:
+            gevent.spawn(self._maybe_transferred_away, call, event.get("Caller-Destination-Number"))
+
+    def _maybe_transferred_away(self, call: Call, where: str) -> None:
+        if call.gone.wait(HANGUP_RACE_WAIT) or not call.live:
+            return
+        assert self.esl is not None
+        with contextlib.suppress(EslError):
+            if self.esl.api(f"uuid_exists {call.uuid}").strip() == "true" and call.live:
+                self._transferred_away(call, where)
+
+    def _transferred_away(self, call: Call, where: str) -> None:
+        """The call is someone else's now: stop the fork, close the engine, delete the orphan timer, release our
+        marker; never a fallback, and nothing of ours played on the new owner's channel."""
         if not self._let_go(call, "transferred_away", "transferred_away"):
             return
         call.log.warning("the call was moved out of our park by someone else (now at %s): letting it go", where)

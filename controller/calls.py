@@ -46,6 +46,7 @@ class Call:
     end_reason: str = ""
     fork_attempts: int = 0
     transfer_target: str = ""  # where the call was sent, once it was
+    profile_index: str = ""  # Caller-Profile-Index when we took it (a transfer makes a new profile)
     own_stop_until: float = 0.0  # we stopped the fork ourselves (retry, refork): a close before this is ours
     fork_pending: bool = False  # a fork start that ESL never confirmed (outage): redo after the resync
     record: CallRecord = field(init=False)

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= conf/forkbridge.yaml
 
-.PHONY: test lint run sysdeps freeswitch demo bench
+.PHONY: test lint run sysdeps freeswitch demo bench bench-switch
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,8 +36,15 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
-# Load figures (CPU and memory per call, latencies): make bench [STEPS=50,100] [SECONDS=10]
+# Load figures (CPU and memory per call, latencies): make bench [STEPS=50,100] [SECONDS=10] [N=10]
+# then, when a FreeSWITCH is found as for the tests, what callers hear on it (skipped with one line otherwise)
 STEPS ?= 50,100,200,300,500
 SECONDS ?= 20
+N ?= 10
 bench: $(STAMP)
 	$(PY) bench/run.py --steps $(STEPS) --seconds $(SECONDS)
+	$(PY) bench/realswitch.py --calls $(N)
+
+# The real-switch part alone: N concurrent calls per playback mode, sample rate and engine pace
+bench-switch: $(STAMP)
+	$(PY) bench/realswitch.py --calls $(N)

@@ -294,7 +294,10 @@ class Controller:
         try:
             exists = self.esl.api(f"uuid_exists {call.uuid}").strip()
         except EslError:
-            exists = "true"
+            # ESL is down too (FreeSWITCH crashed or restarts, or the link broke): the resync after the reconnect
+            # ends the call if its channel is gone, or re-forks it if it still lives; not a fallback now
+            call.fork_pending = True
+            return
         if exists == "false":
             self._ended(call, "GONE")
         elif call.live:

@@ -6,6 +6,7 @@ import contextlib
 import socket
 import textwrap
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -85,3 +86,12 @@ def free_ports(n: int = 1) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def metric(port: int, text: str) -> bool:
+    """True when a daemon's /metrics on this port shows `text` (e.g. 'forkbridge_esl_connected 1.0')."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+            return text in reply.read().decode()
+    except OSError:
+        return False

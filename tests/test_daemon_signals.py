@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from fsim import CallerScript, FSim, SpeechLike
 from fsim.audio import write_wav
-from tests.harness import SECRET, free_ports, wait_until
+from tests.harness import SECRET, free_ports, metric, wait_until
 
 TALKING = CallerScript(audio=SpeechLike(bursts=20), hangup_after=30.0)
 
@@ -37,14 +36,6 @@ def write_config(tmp_path: Path, esl_port: int, metrics_port: int, dids: str, or
             fallback: {{prompt: "{prompt}", transfer: "1000 XML default"}}
         """))
     return path
-
-
-def metric(port: int, text: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
-            return text in reply.read().decode()
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager

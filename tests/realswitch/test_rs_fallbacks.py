@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import pytest
 from controller.calls import Call
 from controller.esl import Event
 from fsim.audio import Silence, Tone, write_wav
-from tests.harness import SECRET, free_ports, load, running_daemon, wait_until, write_config
+from tests.harness import SECRET, free_ports, load, metric, running_daemon, wait_until, write_config
 from tests.realswitch.caller import Caller
 from tests.realswitch.heard import Piece, pieces
 from tests.realswitch.switch import PASSWORD, REPO, FreeSwitch, Probe
@@ -265,14 +264,6 @@ def test_a_caller_hanging_up_is_a_completed_call_not_a_transfer(tmp_path, dracht
 # ----------------------------------------------------------------------------------------- 2. the orphan timer
 
 
-def _metric(port: int, text: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
-            return text in reply.read().decode()
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def daemon_process(tmp_path: Path, switch: FreeSwitch) -> Iterator[subprocess.Popen]:
     """`forkbridge run` as its own process (so it can be SIGKILLed) with the smallest orphan timeout; killed
@@ -302,7 +293,7 @@ def daemon_process(tmp_path: Path, switch: FreeSwitch) -> Iterator[subprocess.Po
                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     proc.log_path = log_path
     try:
-        wait_until(lambda: _metric(metrics_port, "forkbridge_esl_connected 1.0") or proc.poll() is not None,
+        wait_until(lambda: metric(metrics_port, "forkbridge_esl_connected 1.0") or proc.poll() is not None,
                    20, "the daemon to connect to FreeSWITCH")
         assert proc.poll() is None, log_path.read_text()
         yield proc

@@ -58,6 +58,7 @@ class Controller:
         self.stats: Any = None  # audio counters handed to each media session
         self.stream_supported: bool | None = None  # can mod_audio_fork stream audio back? (None: not known yet)
         self.unrouted_counter: Any = None  # the metric of marked calls no route matched
+        self.dialer: Any = None  # controller.outbound.Dialer: the outbound attempts whose answers we take
 
     # ---- event dispatch -----------------------------------------------------------------------------
 
@@ -126,7 +127,11 @@ class Controller:
         if marker.lower() != "true":
             return None
         did = self._did(event)
-        route = self.config.route_for(did)
+        outbound = event.get("variable_forkbridge_outbound")
+        if outbound and outbound != event.uuid:
+            return None  # the far leg of a call we placed (a loopback destination copies our variables to it)
+        route = self.config.route_named(event.get("variable_forkbridge_route")) if outbound \
+            else self.config.route_for(did)
         if route is None:
             self._unrouted(event.uuid, did)
         return route
@@ -154,8 +159,10 @@ class Controller:
         route = self._owned_route(event)
         if route is None:
             return
+        outbound = event.get("variable_forkbridge_outbound") == event.uuid
         call = self.take(event.uuid, self._did(event), event.get("Caller-Caller-ID-Number"), route,
-                         codec=(event.get("Channel-Read-Codec-Name"), _int(event.get("Channel-Read-Codec-Rate"))))
+                         codec=(event.get("Channel-Read-Codec-Name"), _int(event.get("Channel-Read-Codec-Rate"))),
+                         outbound=outbound)
         call.profile_index = event.get("Caller-Profile-Index")
 
     @staticmethod
@@ -164,18 +171,22 @@ class Controller:
         return event.get("variable_forkbridge_did") or event.get("Caller-Destination-Number")
 
     def take(self, uuid: str, did: str, caller_id: str, route: Route, stale_fork: bool = False,
-             codec: tuple[str, int] = ("", 0)) -> Call:
+             codec: tuple[str, int] = ("", 0), outbound: bool = False) -> Call:
         """Own a call: its media session, fork, timers. `codec` is the channel's read codec and rate (what a
-        native playback file must be written in)."""
+        native playback file must be written in); `outbound`: a call we placed (did is the number called),
+        whose placement may carry context for the model."""
         engine_cfg = self.config.engines[route.engine]
-        call = Call(uuid=uuid, did=did, caller_id=caller_id, route=route, engine=engine_cfg)
+        call = Call(uuid=uuid, did=did, caller_id=caller_id, route=route, engine=engine_cfg,
+                    direction="outbound" if outbound else "inbound")
+        attempt = self.dialer.answered(uuid) if outbound and self.dialer is not None else None
+        context = attempt.context if attempt is not None else ""
         call.log = call_logger(uuid, did, route=route.name)
         self.calls.add(call)
         assert self.esl is not None
         call.control = EslCallControl(self.esl, uuid, on_sent=lambda kind, t: self._sent(call, kind, t),
                                       log=call.log, stop_fork=self._stop_fork_command(call),
                                       marker=self.config.esl.marker_variable)
-        self._mark(call, "answered", did=did, route=route.name)
+        self._mark(call, "answered", did=did, route=route.name, **({"direction": "outbound"} if outbound else {}))
         call.log.info("answered: ours, route %s, engine %s", route.name, engine_cfg.name)
         if self.draining:
             self.fallback(call, "shutting_down")
@@ -187,8 +198,9 @@ class Controller:
             return call
         # A greeting file is played as it is; the engine must not speak a greeting of its own on top of it.
         greeting = "" if route.greeting_file else route.greeting
+        instructions = "\n\n".join(text for text in (route.instructions, context) if text)
         info = CallInfo(uuid=uuid, did=did, caller_id=caller_id, sample_rate=route.sample_rate,
-                        instructions=route.instructions, voice=route.voice, greeting=greeting)
+                        instructions=instructions, voice=route.voice, greeting=greeting)
         options = MediaOptions(engine_type=engine_cfg.type, engine_options=engine_cfg.options,
                                playback=route.playback, spool_dir=self.config.bridge.spool_dir,
                                greeting_file=route.greeting_file, no_audio_timeout=route.no_audio_timeout,
@@ -494,12 +506,16 @@ class Controller:
                 continue
             try:
                 marker = self.esl.api(f"uuid_getvar {uuid} {self.config.esl.marker_variable}")
-                did_var = self.esl.api(f"uuid_getvar {uuid} forkbridge_did").strip()
+                did_var = _defined(self.esl.api(f"uuid_getvar {uuid} forkbridge_did"))
+                outbound = _defined(self.esl.api(f"uuid_getvar {uuid} forkbridge_outbound"))
+                route_var = _defined(self.esl.api(f"uuid_getvar {uuid} forkbridge_route")) if outbound else ""
             except EslError:
                 continue
+            if outbound and outbound != uuid:
+                continue  # the far leg of a call we placed
             # the same DID as live routing: the dialplan's normalised capture, else the dialled number
-            did = did_var if did_var and did_var != "_undef_" else row.get("dest", "")
-            route = self.config.route_for(did)
+            did = did_var or row.get("dest", "")
+            route = self.config.route_named(route_var) if outbound else self.config.route_for(did)
             if route is None:
                 if marker.strip().lower() == "true":
                     self._unrouted(uuid, did)
@@ -507,7 +523,7 @@ class Controller:
             if marker.strip().lower() == "true" and self.calls.get(uuid) is None:  # its ANSWER may have come
                 call_logger(uuid, did).info("answered while ESL was down: picking it up")
                 self.take(uuid, did, row.get("cid_num", ""), route, stale_fork=True,
-                          codec=(row.get("read_codec", ""), _int(row.get("read_rate", ""))))
+                          codec=(row.get("read_codec", ""), _int(row.get("read_rate", ""))), outbound=bool(outbound))
 
     def _quiet_api(self, command: str) -> None:
         assert self.esl is not None
@@ -577,6 +593,12 @@ class Controller:
 
     def _sent(self, call: Call, kind: str, when: float) -> None:
         self.observe(call, f"sent_{kind}", {"at": when})
+
+
+def _defined(reply: str) -> str:
+    """A uuid_getvar answer, with FreeSWITCH's "_undef_" (and errors) as empty."""
+    value = reply.strip()
+    return "" if value == "_undef_" or value.startswith("-ERR") else value
 
 
 def _int(text: str) -> int:

@@ -45,6 +45,7 @@ class CallRecord:
     caller_id: str = ""
     route: str = ""
     engine: str = ""
+    direction: str = "inbound"  # outbound: a call we placed; did is then the number called
     start_time: float = field(default_factory=time.time)
     answer_time: float | None = None
     end_time: float | None = None
@@ -109,7 +110,8 @@ class CallRecord:
     def to_dict(self) -> dict[str, Any]:
         return {
             "uuid": self.uuid, "did": self.did, "caller_id": self.caller_id, "route": self.route,
-            "engine": self.engine, "start": _iso(self.start_time), "answer": _iso(self.answer_time),
+            "engine": self.engine, "direction": self.direction, "start": _iso(self.start_time),
+            "answer": _iso(self.answer_time),
             "end": _iso(self.end_time), "duration": self.duration, "outcome": self.outcome,
             "hangup_cause": self.hangup_cause,
             "timeline": [[t, name, detail] for t, name, detail in self.timeline],

@@ -49,6 +49,7 @@ class Call:
     profile_index: str = ""  # Caller-Profile-Index when we took it (a transfer makes a new profile)
     own_stop_until: float = 0.0  # we stopped the fork ourselves (retry, refork): a close before this is ours
     fork_pending: bool = False  # a fork start that ESL never confirmed (outage): redo after the resync
+    direction: str = "inbound"  # outbound: placed by us (controller.outbound), the callee is `did`
     record: CallRecord = field(init=False)
     dtmf: list[str] = field(default_factory=list)
     media: Any = None  # bridge.session.MediaSession
@@ -61,7 +62,7 @@ class Call:
 
     def __post_init__(self) -> None:
         self.record = CallRecord(uuid=self.uuid, did=self.did, caller_id=self.caller_id, route=self.route.name,
-                                 engine=self.engine.name)
+                                 engine=self.engine.name, direction=self.direction)
         self.record.answer_time = self.answered_wall  # the "answered" mark itself comes from the controller
 
     @property

@@ -22,6 +22,11 @@ TOOL_NAMES = ("hangup", "transfer", "send_dtmf")
 DTMF_DIGITS = set("0123456789*#ABCD")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# What may reach a dial string or an originate variable: nothing that ends a variable list ({ } ,), quotes an
+# argument (' "), splits the command (whitespace) or escapes (\ ^), whatever an allowed pattern would let through.
+SAFE_NUMBER = re.compile(r"[0-9A-Za-z+*#@._-]{1,64}")
+SAFE_VALUE = re.compile(r"[^\s{}',\"\\^]*")
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class ConfigError(Exception):
@@ -70,6 +75,15 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    """The local HTTP API that places outbound calls (off unless a token is set)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9465
+    token: str = ""
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     shutdown_grace: float = 20.0
     orphan_timeout: float = 60.0  # FreeSWITCH itself falls a call back this long after we stop vouching for it
@@ -113,6 +127,25 @@ class ToolsPolicy:
 
 
 @dataclass(frozen=True)
+class OutboundPolicy:
+    """How a route places calls: the dial string, who we say we are, which numbers it may call, its cap."""
+
+    dial: str  # a FreeSWITCH dial string with {to}, e.g. sofia/gateway/carrier/{to}
+    allowed: str  # a regular expression the whole destination must match
+    caller_id: str = ""
+    caller_id_name: str = ""
+    originate_timeout: float = 30.0
+    max_concurrent: int = 5  # outbound calls of this route at once, ringing or answered (inbound ones not counted)
+    variables: Mapping[str, str] = field(default_factory=dict)
+
+    def allows(self, number: str) -> bool:
+        return SAFE_NUMBER.fullmatch(number) is not None and re.fullmatch(self.allowed, number) is not None
+
+    def dial_string(self, number: str) -> str:
+        return self.dial.replace("{to}", number)
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     dids: tuple[str, ...]
@@ -130,6 +163,7 @@ class Route:
     max_duration: float = 3600.0
     no_audio_timeout: float = 10.0
     fallback: Fallback = Fallback()
+    outbound: OutboundPolicy | None = None
 
     def matches(self, did: str) -> bool:
         if did in self.dids:
@@ -152,6 +186,10 @@ class Config:
     routes: tuple[Route, ...]
     secrets: tuple[str, ...] = ()
     unrouted: Fallback = Fallback()  # for a marked call no route matches (the dialplan and routes drifted apart)
+    api: ApiConfig = ApiConfig()
+
+    def route_named(self, name: str) -> Route | None:
+        return next((route for route in self.routes if route.name == name), None)
 
     def route_for(self, did: str) -> Route | None:
         """First match wins, as in a FreeSWITCH dialplan."""
@@ -404,7 +442,9 @@ _ENGINE_REQUIRED: dict[str, tuple[str, ...]] = {
 }
 _SECRET_KEYS = ("api_key", "token", "password", "token_secret")
 _ROUTE_KEYS = ("name", "did", "pattern", "engine", "module", "sample_rate", "playback", "greeting", "greeting_file",
-               "instructions", "voice", "dtmf", "tools", "max_duration", "no_audio_timeout", "fallback")
+               "instructions", "voice", "dtmf", "tools", "max_duration", "no_audio_timeout", "fallback", "outbound")
+_OUTBOUND_KEYS = ("dial", "allowed", "caller_id", "caller_id_name", "originate_timeout", "max_concurrent",
+                  "variables")
 
 
 def _plain(node: _Node) -> Any:
@@ -488,6 +528,41 @@ def _read_tools(route: _Section) -> ToolsPolicy:
     return ToolsPolicy(allow=allow, transfer_targets=targets)
 
 
+def _read_outbound(route: _Section) -> OutboundPolicy | None:
+    if not route.has("outbound"):
+        return None
+    sec = route.section("outbound", _OUTBOUND_KEYS)
+    dial = sec.str("dial", required=True)
+    if dial and "{to}" not in dial:
+        sec.bad("dial", f"must contain {{to}} where the number goes, e.g. sofia/gateway/carrier/{{to}}; got {dial!r}")
+    allowed = sec.str("allowed", required=True)
+    if allowed:
+        try:
+            re.compile(allowed)
+        except re.error as exc:
+            sec.bad("allowed", f"invalid regular expression: {exc}")
+            allowed = ""
+    for key in ("caller_id", "caller_id_name"):
+        if not SAFE_VALUE.fullmatch(sec.str(key)):
+            sec.bad(key, "must not contain spaces, commas, quotes, braces, backslashes or ^")
+    variables = sec.str_map("variables")
+    var_sec = sec.section("variables", tuple(variables))
+    for name, value in variables.items():
+        if not VARIABLE_NAME.fullmatch(name):
+            var_sec.bad(name, "expected a channel variable name (letters, digits, _)")
+        elif not SAFE_VALUE.fullmatch(value):
+            var_sec.bad(name, "must not contain spaces, commas, quotes, braces, backslashes or ^")
+    max_concurrent = sec.int("max_concurrent", 5)
+    if max_concurrent < 1:
+        sec.bad("max_concurrent", "must be at least 1")
+    timeout = sec.duration("originate_timeout", 30.0)
+    if not 1 <= timeout <= 600:
+        sec.bad("originate_timeout", "expected between 1s and 10m")
+    return OutboundPolicy(dial=dial, allowed=allowed, caller_id=sec.str("caller_id"),
+                          caller_id_name=sec.str("caller_id_name"), originate_timeout=timeout,
+                          max_concurrent=max(1, max_concurrent), variables=variables)
+
+
 def _read_route(reader: _Reader, node: _Node, index: int, defaults: _Node | None,
                 engines: Mapping[str, EngineConfig]) -> Route | None:
     path = f"routes[{index}]"
@@ -522,7 +597,11 @@ def _read_route(reader: _Reader, node: _Node, index: int, defaults: _Node | None
         instructions=sec.str("instructions"), voice=sec.str("voice"),
         dtmf=_read_dtmf(sec), tools=_read_tools(sec), max_duration=sec.duration("max_duration", 3600.0),
         no_audio_timeout=sec.duration("no_audio_timeout", 10.0), fallback=_read_fallback(sec),
+        outbound=_read_outbound(sec),
     )
+    if route.outbound is not None and not SAFE_VALUE.fullmatch(route.name):
+        sec.bad("name", "a route with outbound: needs a name without spaces, commas, quotes or braces (it travels "
+                        "in the call's variables)")
     for digit, action in route.dtmf.actions.items():
         target = action.partition(":")[2]
         if action.startswith("transfer:") and target not in route.tools.transfer_targets:
@@ -554,7 +633,8 @@ def parse_config(text: str, path: str, env: Mapping[str, str]) -> Config:
     if root_node is None:
         raise ConfigError([f"{path}:1: the file is empty"])
     root = reader.convert(root_node, "")
-    top = _Section(reader, root, "", ("esl", "bridge", "metrics", "logging", "daemon", "engines", "defaults", "routes"))
+    top = _Section(reader, root, "", ("esl", "bridge", "metrics", "logging", "daemon", "engines", "defaults",
+                                      "routes", "api"))
 
     esl_s = top.section("esl", ("host", "port", "password", "marker_variable", "command_timeout", "reconnect_max"))
     esl = EslConfig(host=esl_s.str("host", "127.0.0.1"), port=esl_s.int("port", 8021),
@@ -592,12 +672,20 @@ def parse_config(text: str, path: str, env: Mapping[str, str]) -> Config:
 
     engines = _read_engines(reader, top.node("engines"))
     routes, unrouted = _read_routes(reader, top, engines)
+    api_s = top.section("api", ("listen", "token"))
+    a_host, a_port = _split_listen(api_s, "listen", ("127.0.0.1", 9465))
+    api = ApiConfig(a_host, a_port, api_s.str("token"))
+    if api.token and len(api.token) < 16:
+        api_s.bad("token", "is too short: use at least 16 characters (e.g. `openssl rand -hex 32`)")
+    if not api.token and any(route.outbound for route in routes):
+        api_s.bad("token", "is required when a route has outbound: (the API that places calls needs it), e.g. "
+                           "token: ${FORKBRIDGE_API_TOKEN}")
 
     if reader.problems:
         raise ConfigError(reader.problems)
-    secrets = tuple(sorted({s for s in _collect_secrets(esl, bridge, engines) if s}))
+    secrets = tuple(sorted({s for s in _collect_secrets(esl, bridge, engines) if s} | ({api.token} - {""})))
     return Config(path=path, esl=esl, bridge=bridge, metrics=MetricsConfig(m_host, m_port), logging=logging_cfg,
-                  daemon=daemon, engines=engines, routes=routes, secrets=secrets, unrouted=unrouted)
+                  daemon=daemon, engines=engines, routes=routes, secrets=secrets, unrouted=unrouted, api=api)
 
 
 def _read_routes(reader: _Reader, top: _Section,
@@ -617,10 +705,15 @@ def _read_routes(reader: _Reader, top: _Section,
         return (), unrouted
     routes: list[Route] = []
     seen: dict[str, int] = {}
+    names: dict[str, int] = {}
     for i, item in enumerate(node.value):
         route = _read_route(reader, item, i, defaults, engines)
         if route is None:
             continue
+        if route.name in names:  # outbound calls, metrics and call records name a route
+            reader.error(item.line, f"routes[{i}].name", f"route name '{route.name}' is already used by "
+                                                        f"routes[{names[route.name]}]")
+        names.setdefault(route.name, i)
         for did in route.dids:
             if did in seen:
                 reader.error(item.line, f"routes[{i}].did", f"DID {did} is already routed by routes[{seen[did]}]")

@@ -21,6 +21,7 @@ import gevent.event
 
 from bridge.server import BridgeServer
 from bridge.tokens import TokenBook
+from controller.callapi import CallApi
 from controller.callflow import CUSTOM, EVENTS, Controller
 from controller.callrecords import CallRecordWriter
 from controller.calls import Call
@@ -29,6 +30,7 @@ from controller.esl import EslClient, EslSettings
 from controller.httpapi import HttpApi
 from controller.logs import configure_logging, register_secret
 from controller.metrics import OUTCOMES, Metrics
+from controller.outbound import Attempt, Dialer
 from controller.sdnotify import Notifier
 
 log = logging.getLogger("forkbridge")
@@ -58,6 +60,11 @@ class Daemon:
                                    on_fork_closed=self.controller.fork_closed,
                                    on_refused=self.metrics.ws_refused)
         self.http = HttpApi(config.metrics.listen_host, config.metrics.listen_port, self.metrics, self.ready)
+        self.dialer = Dialer(lambda: self.config, self.esl, changed=self._attempt_changed,
+                             accepting=lambda: not self._shutting_down)
+        self.controller.dialer = self.dialer
+        api = config.api
+        self.call_api = CallApi(api.listen_host, api.listen_port, api.token, self.dialer) if api.token else None
         self.stopped = gevent.event.Event()
         self._reconnects_seen = 0
         self._shutting_down = False
@@ -113,6 +120,10 @@ class Daemon:
         elif name == "playback_underrun":
             m.playback_underrun(route)
 
+    def _attempt_changed(self, attempt: Attempt) -> None:
+        self.metrics.outbound(attempt.route, self.dialer.live(attempt.route),
+                              attempt.outcome if attempt.state == "ended" else "")
+
     def _barge_stopped(self, call: Call, seconds: float) -> None:
         """Barge-in signal from the engine → the stop actually written (uuid_break, or killAudio)."""
         m = self.metrics
@@ -125,6 +136,8 @@ class Daemon:
         duration = (call.ended_at or time.monotonic()) - call.answered_at
         self.metrics.call_finished(call.route.name, call.engine.name, outcome, duration)
         call.record.finish(call.outcome or "completed", call.end_reason)
+        if call.direction == "outbound":
+            self.dialer.call_ended(call.uuid, call.outcome or "completed", call.end_reason)
         if self.records is not None:
             self.records.write(call.record)
         call.media = None  # its engine and resamplers go now, not when this short history forgets the call
@@ -146,6 +159,8 @@ class Daemon:
         self.controller.bridge_url = bridge.url or f"ws://{bridge.listen_host}:{self.bridge.port}"
         self.esl.start()
         self.http.start()
+        if self.call_api is not None:
+            self.call_api.start()
         gevent.spawn(self._announce_ready)
         if self.config.daemon.orphan_timeout > 0:
             gevent.spawn(self._vouch)
@@ -205,10 +220,16 @@ class Daemon:
         grace = self.config.daemon.shutdown_grace if grace is None else grace
         log.info("shutting down: draining %d call(s) for up to %.0fs", len(self.controller.calls), grace)
         self.notifier.stopping(f"draining {len(self.controller.calls)} call(s)")
+        for attempt in list(self.dialer.attempts.values()):
+            if attempt.state == "dialing":  # nobody would talk to them: stop the ringing now
+                with contextlib.suppress(Exception):
+                    self.dialer.cancel(attempt.id)
         self.controller.drain(grace)
         self.esl.stop()
         self.bridge.stop()
         self.http.stop()
+        if self.call_api is not None:
+            self.call_api.stop()
         self.notifier.stop_watchdog()
         if self.records is not None:
             self.records.close()

@@ -23,21 +23,21 @@ ReadyCheck = Callable[[], tuple[bool, str]]
 _TEXT = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
 
 
-class HttpApi:
-    """Serves the three endpoints on (host, port); port 0 picks a free port, readable as `.port` after start()."""
+class WsgiService:
+    """A small gevent WSGI server on (host, port); port 0 picks a free port, readable as `.port` after start()."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, ready: ReadyCheck, max_clients: int = 32) -> None:
+    what = "http endpoint"
+
+    def __init__(self, host: str, port: int, max_clients: int = 32) -> None:
         self.host = host
         self._requested_port = port
-        self._ready = ready
-        self._metrics_app = make_wsgi_app(metrics.registry)
         self._server: WSGIServer | None = None
         self._max_clients = max_clients
 
     @property
     def port(self) -> int:
         if self._server is None:
-            raise RuntimeError("HttpApi not started")
+            raise RuntimeError(f"{type(self).__name__} not started")
         return int(self._server.server_port)
 
     @property
@@ -53,12 +53,26 @@ class HttpApi:
                             log=None, error_log=log)
         server.start()
         self._server = server
-        log.info("http endpoint on %s (/metrics /healthz /readyz)", self.url)
+        log.info("%s on %s", self.what, self.url)
 
     def stop(self, timeout: float = 2.0) -> None:
         if self._server is not None:
             self._server.stop(timeout=timeout)
             self._server = None
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        raise NotImplementedError
+
+
+class HttpApi(WsgiService):
+    """Serves /metrics, /healthz and /readyz."""
+
+    what = "http endpoint (/metrics /healthz /readyz)"
+
+    def __init__(self, host: str, port: int, metrics: Metrics, ready: ReadyCheck, max_clients: int = 32) -> None:
+        super().__init__(host, port, max_clients)
+        self._ready = ready
+        self._metrics_app = make_wsgi_app(metrics.registry)
 
     # ---- WSGI
 

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 OUTCOMES = ("completed", "fallback_transfer", "fallback_hangup", "transferred_away", "error")
+ATTEMPT_OUTCOMES = ("answered", "busy", "no_answer", "rejected", "failed", "cancelled")  # controller.outbound
 DIRECTIONS = ("in", "out")
 NO_ROUTE = "none"
 OTHER = "other"
@@ -96,6 +97,14 @@ class Metrics:
         self.dtmf_digits = Counter(
             "forkbridge_dtmf_digits", "DTMF digits received from callers.", ["route"], registry=r)
 
+        # ---- outbound
+        self.outbound_calls = Counter(
+            "forkbridge_outbound_calls", "Finished outbound attempts by route and outcome (answered, busy, "
+            "no_answer, rejected, failed, cancelled).", ["route", "outcome"], registry=r)
+        self.outbound_live = Gauge(
+            "forkbridge_outbound_calls_live", "Outbound calls placed and not yet ended (ringing or answered), by "
+            "route: what outbound.max_concurrent caps.", ["route"], registry=r)
+
         # ---- failures
         self.fork_connect_failures = Counter(
             "forkbridge_fork_connect_failures",
@@ -154,6 +163,9 @@ class Metrics:
         for route_name, engine_name in routes:
             route, engine = self._route(route_name), self._engine(engine_name)
             self.calls_active.labels(route=route)
+            for outcome in ATTEMPT_OUTCOMES:
+                self.outbound_calls.labels(route=route, outcome=outcome)
+            self.outbound_live.labels(route=route)
             for outcome in OUTCOMES:
                 self.calls_total.labels(route=route, engine=engine, outcome=outcome)
             for m in (self.bargeins, self.dtmf_digits, self.fork_connect_failures, self.playback_chunks,
@@ -182,6 +194,14 @@ class Metrics:
         self.calls_total.labels(route=r, engine=self._engine(engine or NO_ROUTE), outcome=outcome).inc()
         if duration is not None and duration >= 0:
             self.call_duration.labels(route=r).observe(duration)
+
+    def outbound(self, route: str, live: int, ended_with: str = "") -> None:
+        """An outbound attempt changed: the route's live count, and its outcome once it ended."""
+        r = self.route(route)
+        self.outbound_live.labels(route=r).set(live)
+        if ended_with:
+            outcome = ended_with if ended_with in ATTEMPT_OUTCOMES else "failed"
+            self.outbound_calls.labels(route=r, outcome=outcome).inc()
 
     def first_audio(self, route: str | None, seconds: float) -> None:
         self.first_audio_latency.labels(route=self.route(route)).observe(max(0.0, seconds))

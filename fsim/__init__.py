@@ -6,11 +6,11 @@ gevent sockets.
 
 from .audio import Samples, Sequence, Silence, SpeechLike, Tone, WavFile, dominant_frequency, rms
 from .caller import CallerScript
-from .channel import Channel
+from .channel import Callee, Channel
 from .ear import Ear, Gap, Segment
 from .switch import CommandRecord, FSim
 
 __all__ = [
-    "CallerScript", "Channel", "CommandRecord", "Ear", "FSim", "Gap", "Samples", "Segment", "Sequence", "Silence",
-    "SpeechLike", "Tone", "WavFile", "dominant_frequency", "rms",
+    "Callee", "CallerScript", "Channel", "CommandRecord", "Ear", "FSim", "Gap", "Samples", "Segment", "Sequence",
+    "Silence", "SpeechLike", "Tone", "WavFile", "dominant_frequency", "rms",
 ]  # fmt: skip

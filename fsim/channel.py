@@ -87,6 +87,19 @@ NATIVE_EXTENSIONS = {"PCMU", "PCMA", "L16", "G722", "OPUS", "G729"}  # mod_nativ
 
 
 @dataclass
+class Callee:
+    """What a number fsim's ``originate`` dials does: answer after ``ring_s`` and then speak ``script`` (like a
+    caller's script), or never answer (``answer=False``: NO_ANSWER at originate_timeout), or refuse at once with
+    ``cause`` (``USER_BUSY``, ``CALL_REJECTED``, ...). ``rate`` is the outbound leg's codec rate."""
+
+    answer: bool = True
+    ring_s: float = 0.0
+    cause: str = ""
+    script: CallerScript | None = None
+    rate: int = 8000
+
+
+@dataclass
 class QueuedApp:
     """A private ``execute`` event waiting in the channel's queue (uuid_broadcast / sendmsg)."""
 
@@ -124,11 +137,17 @@ class Channel:
         fork_build: str,
         ring_s: float,
         extra_vars: dict[str, str] | None,
+        outbound: tuple[Callee, float] | None = None,
+        uuid: str = "",
     ) -> None:
         if ptime_ms not in (10, 20, 30, 40, 60):
             raise ValueError("ptime_ms must be 10, 20, 30, 40 or 60")
         self.sw = sw
-        self.uuid = str(uuidlib.uuid4())
+        self.uuid = uuid or str(uuidlib.uuid4())
+        self.outbound = outbound  # placed by ``originate``: the callee and its originate_timeout
+        self.originated = gevent.event.AsyncResult()  # originate's reply: "+OK <uuid>" or "-ERR <cause>"
+        direction = "outbound" if outbound else "inbound"
+        self.direction = direction
         self.did = did
         self.script = script
         self.rate = rate
@@ -137,7 +156,7 @@ class Channel:
         self.codec, self.codec_bit_rate = CODECS.get(rate, ("L16", rate * 16))
         self.fork_build = fork_build
         self.ring_s = ring_s
-        self.name = f"sofia/external/{caller_id}@127.0.0.1"
+        self.name = f"loopback/{did}-a" if outbound else f"sofia/external/{caller_id}@127.0.0.1"
         self.profile: dict[str, Any] = {
             "username": caller_id.lstrip("+"),
             "dialplan": "XML",
@@ -165,7 +184,7 @@ class Channel:
         self.transfer_context: str | None = None
         sip_call_id = f"{uuidlib.uuid4().hex[:20]}@127.0.0.1"
         self.variables: dict[str, str] = {
-            "direction": "inbound",
+            "direction": direction,
             "uuid": self.uuid,
             "session_id": str(sw._next_session_id()),
             "sip_from_user": caller_id.lstrip("+"),
@@ -291,6 +310,9 @@ class Channel:
         try:
             self._set_state("CS_INIT", 2)
             self.fire("CHANNEL_CREATE")
+            if self.outbound is not None:
+                self._run_outbound(*self.outbound)
+                return
             self._set_state("CS_ROUTING", 3)
             self.call_state = "RINGING"
             dp = self.sw.dialplan(self.did)
@@ -306,17 +328,49 @@ class Channel:
                 if not self.alive:
                     return
             self._answer()
-            self._caller_audio = self.script.audio.render(self.rate) if self.script.audio else np.zeros(0, np.int16)
-            self.parked = True
-            self._execute("park", "")
-            self.fire("CHANNEL_PARK")
-            self._media_loop()
+            self._park()
         except gevent.GreenletExit:
             pass
         except Exception:
             log.exception("channel %s crashed", self.uuid)
             if self.alive:
                 self.hangup("NORMAL_TEMPORARY_FAILURE", by="switch")
+
+    def _run_outbound(self, callee: Callee, timeout: float) -> None:
+        """`originate {vars}<dial string> &park()` as FreeSWITCH runs it (seen on 1.10.12 with loopback legs):
+        CHANNEL_ORIGINATE, CHANNEL_PROGRESS while it rings, CHANNEL_ANSWER when the far end answers (no answer
+        application on this leg), then the park; an unanswered leg hangs up with the far end's cause, or
+        NO_ANSWER at originate_timeout, and the job answers -ERR <cause>."""
+        self.fire("CHANNEL_ORIGINATE")
+        if callee.cause:
+            self._sleep_until(time.monotonic() + 0.02)
+            self.hangup(callee.cause, by="switch")
+            return
+        if not callee.answer or callee.ring_s > 0:
+            self.call_state = "EARLY"
+            self.fire("CHANNEL_PROGRESS")
+            self._sleep_until(time.monotonic() + (timeout if not callee.answer else min(callee.ring_s, timeout)))
+            if not self.alive:
+                return
+            if not callee.answer or callee.ring_s >= timeout:
+                self.hangup("NO_ANSWER", by="switch")
+                return
+        self._set_state("CS_EXECUTE", 4)
+        self.answer_state = "answered"
+        self.t_answered_us = int(time.time() * 1_000_000)
+        self.t_answer = time.monotonic()
+        self.fire("CHANNEL_ANSWER")
+        self.call_state = "ACTIVE"
+        self.answered.set()
+        self.originated.set(f"+OK {self.uuid}\n")
+        self._park()
+
+    def _park(self) -> None:
+        self._caller_audio = self.script.audio.render(self.rate) if self.script.audio else np.zeros(0, np.int16)
+        self.parked = True
+        self._execute("park", "")
+        self.fire("CHANNEL_PARK")
+        self._media_loop()
 
     def _answer(self) -> None:
         u = self._execute("answer", "")
@@ -621,6 +675,8 @@ class Channel:
             return
         self.hangup_cause = cause
         self.hangup_by = by
+        if not self.originated.ready():
+            self.originated.set(f"-ERR {cause}\n")
         self.t_hangup_us = int(time.time() * 1_000_000)
         self.t_hangup = time.monotonic()
         self.answer_state = "hangup"
@@ -668,7 +724,7 @@ class Channel:
         app = "park" if self.parked else ("bridge" if self.transferred_to else "")
         return {
             "uuid": self.uuid,
-            "direction": "inbound",
+            "direction": self.direction,
             "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.t_created_us / 1e6)),
             "created_epoch": str(self.t_created_us // 1_000_000),
             "name": self.name,

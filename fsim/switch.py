@@ -21,7 +21,7 @@ from . import wire
 from .audiofork import api_uuid_audio_fork
 from .audiostream import api_uuid_audio_stream
 from .caller import CallerScript
-from .channel import SHOW_COLUMNS, Channel
+from .channel import SHOW_COLUMNS, Callee, Channel
 from .control import CONTROL_API
 from .eslserver import ESLServer
 from .events import WITH_VARIABLES, Event, channel_headers, common_headers
@@ -79,6 +79,7 @@ class FSim:
         transfer_timeout: float = 60.0,
         max_call_s: float = 3600.0,
         hostname: str = "fsim",
+        callees: dict[str, Callee] | None = None,
     ) -> None:
         if fork_build not in ("drachtio", "jambonz"):
             raise ValueError("fork_build must be 'drachtio' or 'jambonz'")
@@ -89,6 +90,7 @@ class FSim:
         self._own_temp = temp_dir is None
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="fsim-tmp-")
         self.dids = set(dids) if dids is not None else None
+        self.callees: dict[str, Callee] = dict(callees or {})  # what each number `originate` dials does
         self.marker = marker
         self.dialplan_vars = dict(dialplan_vars or {})
         self.fork_build = fork_build
@@ -530,6 +532,48 @@ def _sched_del(sw: FSim, args: str) -> str:
     return f"+OK Deleted: {len(doomed)}\n"
 
 
+def _originate(sw: FSim, args: str) -> str:
+    """``originate {vars}<dial string> &park()``: only the parts forkbridge uses. The dial string's number picks
+    a ``Callee`` (loopback/<n>/<context> or sofia/gateway/<gw>/<n>); a number fsim knows nothing of ends as a
+    loopback leg to an unrouted number did on FreeSWITCH: ``-ERR NORMAL_CLEARING``. The far leg is not
+    simulated: the originated channel reads what the callee says."""
+    parts = args.split()
+    if len(parts) < 2:
+        return "-USAGE: <call url> <exten>|&<application_name>(<app_args>) [<dialplan>] [<context>] [<cid_name>] " \
+               "[<cid_num>] [<timeout_sec>]\n"
+    dial, app = parts[0], parts[1]
+    variables: dict[str, str] = {}
+    if dial.startswith("{"):
+        block, _, dial = dial[1:].partition("}")
+        for pair in block.split(","):
+            name, _, value = pair.partition("=")
+            if name:
+                variables[name] = value
+    if app != "&park()":
+        return f"-ERR fsim runs only &park() after originate, not {app}\n"
+    kind, _, rest = dial.partition("/")
+    path = rest.split("/")
+    if kind == "loopback" and len(path) >= 1:
+        number = path[0]
+    elif kind == "sofia" and len(path) >= 3 and path[0] == "gateway":
+        number = path[2].split("@")[0]
+    else:
+        return "-ERR CHAN_NOT_IMPLEMENTED\n"
+    callee = sw.callees.get(number) or Callee(answer=False, cause="NORMAL_CLEARING")
+    uuid = variables.pop("origination_uuid", "") or str(uuidlib.uuid4())
+    if uuid in sw.channels:
+        return "-ERR DESTINATION_OUT_OF_ORDER\n"
+    caller_id = variables.pop("origination_caller_id_number", "0000000000")
+    caller_name = variables.pop("origination_caller_id_name", "FreeSWITCH")
+    timeout = float(variables.get("originate_timeout", "60") or 60)
+    ch = Channel(sw, number, caller_id, caller_name, callee.script or CallerScript(), callee.rate, 20,
+                 sw.fork_build, 0.0, variables, outbound=(callee, timeout), uuid=uuid)
+    sw.channels[ch.uuid] = ch
+    sw.calls.append(ch)
+    ch.start()
+    return ch.originated.get(timeout=timeout + 5)
+
+
 API: dict[str, Callable[[FSim, str], str]] = {
     "uuid_break": _uuid_break,
     "uuid_broadcast": _uuid_broadcast,
@@ -553,6 +597,7 @@ API: dict[str, Callable[[FSim, str], str]] = {
     "hupall": _hupall,
     "sched_api": _sched_api,
     "sched_del": _sched_del,
+    "originate": _originate,
 }
 
 

@@ -1,11 +1,13 @@
-"""The `forkbridge` command: check-config and run."""
+"""The `forkbridge` command: check-config, run, call and campaign run."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from controller.config import Config, ConfigError, load_config
+from controller.config import Config, ConfigError, load_api_settings, load_config
+
+DEFAULT_CONFIG = "/etc/forkbridge/forkbridge.yaml"
 
 
 def route_table(config: Config) -> str:
@@ -42,15 +44,59 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", "-c", required=True)
+    call = sub.add_parser("call", help="place one outbound call through the running daemon")
+    call.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="the daemon's config (for api.listen/token)")
+    call.add_argument("--route", required=True)
+    call.add_argument("--to", required=True, help="the number to call (must match the route's outbound.allowed)")
+    call.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="a channel variable")
+    call.add_argument("--context", default="", help="text for the model about this call")
+    call.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for the call to end")
+    campaign = sub.add_parser("campaign", help="outbound campaigns").add_subparsers(dest="action", required=True)
+    crun = campaign.add_parser("run", help="call every row of a CSV file (columns: to, context, variables)")
+    crun.add_argument("csv")
+    crun.add_argument("--config", "-c", default=DEFAULT_CONFIG)
+    crun.add_argument("--route", required=True)
+    crun.add_argument("--concurrency", type=int, default=5, help="calls at once (default 5)")
+    crun.add_argument("--rate", default="1/s", help="new calls per s, m or h (default 1/s)")
+    crun.add_argument("--retries", type=int, default=0, help="more attempts after busy, no_answer or failed")
+    crun.add_argument("--retry-after", default="10m", help="wait before a retry (default 10m)")
+    crun.add_argument("--hours", default="", help="calling hours, e.g. 09:00-18:00")
+    crun.add_argument("--tz", default="", help="time zone of --hours, e.g. Europe/Paris (default: local)")
+    crun.add_argument("--results", default="", help="JSON lines, one per attempt (default: <csv>.results.jsonl)")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command in ("call", "campaign"):
+        return _client_command(args)
     from gevent import monkey
 
     monkey.patch_all()  # the one place the process is patched, before the daemon's modules load
     from controller.daemon import run_daemon
 
     return run_daemon(args.config)
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from controller import campaign as c
+
+    try:
+        client = c.ApiClient(load_api_settings(args.config))
+        if args.command == "call":
+            return c.place_one(client, args.route, args.to, c.parse_vars(args.var), args.context, args.wait,
+                               sys.stdout)
+        if args.concurrency < 1 or args.retries < 0:
+            raise c.CampaignError("--concurrency must be at least 1 and --retries at least 0")
+        settings = c.Settings(route=args.route, concurrency=args.concurrency, rate=c.parse_rate(args.rate),
+                              retries=args.retries, retry_after=c.parse_span(args.retry_after),
+                              hours=c.Hours.parse(args.hours, args.tz))
+        return c.run_campaign(client, args.csv, settings, args.results or f"{args.csv}.results.jsonl")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except c.CampaignError as exc:
+        print(f"forkbridge {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -688,6 +688,31 @@ def parse_config(text: str, path: str, env: Mapping[str, str]) -> Config:
                   daemon=daemon, engines=engines, routes=routes, secrets=secrets, unrouted=unrouted, api=api)
 
 
+def load_api_settings(path: str, env: Mapping[str, str] | None = None) -> ApiConfig:
+    """Only the `api:` section, for `forkbridge call` and `campaign`: they need the address and the token, not
+    the engines' secrets the daemon's environment holds."""
+    env = os.environ if env is None else env
+    try:
+        with open(path, encoding="utf-8") as fh:
+            root_node = yaml.compose(fh.read(), Loader=_Loader)
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError([f"{path}:{mark.line + 1 if mark else 1}: YAML syntax error"]) from None
+    reader = _Reader(path, env)
+    api_node = None
+    if isinstance(root_node, yaml.MappingNode):
+        api_node = next((v for k, v in root_node.value if getattr(k, "value", None) == "api"), None)
+    sec = _Section(reader, reader.convert(api_node, "api") if api_node is not None else None, "api",
+                   ("listen", "token"))
+    host, port = _split_listen(sec, "listen", ("127.0.0.1", 9465))
+    token = sec.str("token", required=True)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return ApiConfig(host, port, token)
+
+
 def _read_routes(reader: _Reader, top: _Section,
                  engines: Mapping[str, EngineConfig]) -> tuple[tuple[Route, ...], Fallback]:
     """The routes, and the fallback for a call the dialplan marked as ours that no route matches

@@ -101,7 +101,7 @@ def test_answered_outbound_call_hears_the_greeting_and_reaches_the_engine(tmp_pa
             greeting = channel.ear.heard_audio("broadcast:")
             assert abs(dominant_frequency(greeting[: 8000 // 2], 8000) - GREETING_HZ) < 15
             session = bot.session
-            assert "Dr. Jones" in session.config["instructions"]
+            wait_until(lambda: "Dr. Jones" in session.config["instructions"], 5, "the context in the instructions")
             assert session.config["instructions"].startswith("You remind people")
             wait_until(lambda: request(daemon, "GET", f"/calls/{placed['id']}")[1]["state"] == "answered", 5,
                        "the attempt to show answered")

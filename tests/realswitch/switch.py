@@ -52,7 +52,7 @@ def must_run() -> bool:
 
 # ----------------------------------------------------------------------------------------- configuration
 
-TEST_EXTENSIONS = """<include>
+TEST_EXTENSIONS = r"""<include>
   <!-- test-only extensions: transfer and fallback targets a test can tell apart by pitch -->
   <extension name="fb_test_operator">
     <condition field="destination_number" expression="^7300$">
@@ -64,6 +64,42 @@ TEST_EXTENSIONS = """<include>
     <condition field="destination_number" expression="^7301$">
       <action application="answer"/>
       <action application="playback" data="tone_stream://%(10000,0,1250);loops=-1"/>
+    </condition>
+  </extension>
+  <!-- callees for outbound calls (loopback/<number>/public): the far leg records what it heard (channel 0) -->
+  <extension name="fb_test_callee_speaks">
+    <condition field="destination_number" expression="^7310$">
+      <action application="set" data="RECORD_STEREO=true"/>
+      <action application="answer"/>
+      <action application="record_session" data="$${recordings_dir}/callee-${forkbridge_outbound}.wav"/>
+      <action application="playback" data="silence_stream://2500"/>
+      <action application="playback" data="tone_stream://%(800,0,660)"/>
+      <action application="playback" data="silence_stream://3000"/>
+      <action application="hangup"/>
+    </condition>
+  </extension>
+  <extension name="fb_test_callee_busy">
+    <condition field="destination_number" expression="^7311$">
+      <action application="respond" data="486"/>
+      <action application="hangup" data="USER_BUSY"/>
+    </condition>
+  </extension>
+  <extension name="fb_test_callee_never_answers">
+    <condition field="destination_number" expression="^7312$">
+      <action application="ring_ready"/>
+      <action application="sleep" data="30000"/>
+    </condition>
+  </extension>
+  <extension name="fb_test_callee_rejects">
+    <condition field="destination_number" expression="^7313$">
+      <action application="hangup" data="CALL_REJECTED"/>
+    </condition>
+  </extension>
+  <extension name="fb_test_callee_brief">
+    <condition field="destination_number" expression="^\+1666777\d{4}$">
+      <action application="answer"/>
+      <action application="playback" data="silence_stream://1200"/>
+      <action application="hangup"/>
     </condition>
   </extension>
 </include>

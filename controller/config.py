@@ -26,7 +26,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 # argument (' "), splits the command (whitespace) or escapes (\ ^), whatever an allowed pattern would let through.
 SAFE_NUMBER = re.compile(r"[0-9A-Za-z+*#@._-]{1,64}")
 SAFE_VALUE = re.compile(r"[^\s{}',\"\\^]*")
-VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")  # e.g. sip_h_X-Campaign (a SIP header)
 
 
 class ConfigError(Exception):
@@ -549,7 +549,7 @@ def _read_outbound(route: _Section) -> OutboundPolicy | None:
     var_sec = sec.section("variables", tuple(variables))
     for name, value in variables.items():
         if not VARIABLE_NAME.fullmatch(name):
-            var_sec.bad(name, "expected a channel variable name (letters, digits, _)")
+            var_sec.bad(name, "expected a channel variable name (letters, digits, _ and -)")
         elif not SAFE_VALUE.fullmatch(value):
             var_sec.bad(name, "must not contain spaces, commas, quotes, braces, backslashes or ^")
     max_concurrent = sec.int("max_concurrent", 5)
@@ -574,8 +574,9 @@ def _read_route(reader: _Reader, node: _Node, index: int, defaults: _Node | None
     sec = _Section(reader, _Node(merged, node.line), path, _ROUTE_KEYS)
     dids = sec.str_list("did")
     pattern = sec.str("pattern")
-    if not dids and not pattern:
-        reader.error(node.line, path, "needs 'did' (a number or a list) or 'pattern' (a regular expression)")
+    if not dids and not pattern and not sec.has("outbound"):
+        reader.error(node.line, path, "needs 'did' (a number or a list) or 'pattern' (a regular expression), or "
+                                      "outbound: for a route that only places calls")
     if pattern:
         try:
             re.compile(pattern)

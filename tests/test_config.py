@@ -147,3 +147,63 @@ def test_bridge_url_needs_an_explicit_port(tmp_path):
     text = GOOD.replace("bridge:\n", "bridge:\n  url: ws://10.0.0.5/calls\n")
     (found,) = problems(tmp_path, text)
     assert ":4: bridge.url: give an explicit port" in found
+
+
+OUTBOUND = GOOD.replace("""  - pattern: "1555[0-9]{7}"
+""", """  - name: reminders
+    engine: bot
+    outbound:
+      dial: sofia/gateway/carrier/{to}
+      allowed: '\\+33[1-9]\\d{8}'
+      caller_id: "+33100000000"
+      originate_timeout: 45s
+      max_concurrent: 3
+      variables: {sip_h_X-Campaign: spring}
+  - pattern: "1555[0-9]{7}"
+""") + """api:
+  token: ${FB_API_TOKEN:-an-api-token-0123456789}
+"""
+
+
+def test_an_outbound_route_and_its_api(tmp_path):
+    config = load_config(write(tmp_path, OUTBOUND), env={})
+    route = config.route_named("reminders")
+    assert route is not None and route.outbound is not None
+    policy = route.outbound
+    assert policy.dial_string("+33123456789") == "sofia/gateway/carrier/+33123456789"
+    assert policy.allows("+33123456789")
+    assert not policy.allows("+331234567890") and not policy.allows("+4930123456")  # anchored
+    assert policy.originate_timeout == 45 and policy.max_concurrent == 3
+    assert config.api.token == "an-api-token-0123456789" and config.api.listen_port == 9465
+    assert "an-api-token-0123456789" in config.secrets  # never logged
+
+
+def test_outbound_mistakes_name_their_keys(tmp_path):
+    text = OUTBOUND.replace("sofia/gateway/carrier/{to}", "sofia/gateway/carrier/123") \
+        .replace("max_concurrent: 3", "max_concurrent: 0").replace("X-Campaign: spring", "X-Campaign: 'a b'") \
+        .replace("originate_timeout: 45s", "originat_timeout: 45s")
+    found = "\n".join(problems(tmp_path, text))
+    assert "routes[1].outbound.dial: must contain {to}" in found
+    assert "routes[1].outbound.max_concurrent: must be at least 1" in found
+    assert "routes[1].outbound.variables.sip_h_X-Campaign: must not contain spaces" in found
+    assert "routes[1].outbound.originat_timeout: unknown key (did you mean 'originate_timeout'?)" in found
+    lines = {p.split(":")[1] for p in problems(tmp_path, text)}
+    assert all(line.isdigit() for line in lines)
+
+
+def test_an_outbound_route_needs_the_api_token(tmp_path):
+    text = OUTBOUND.replace("""api:
+  token: ${FB_API_TOKEN:-an-api-token-0123456789}
+""", "")
+    assert any("api.token: is required when a route has outbound" in p for p in problems(tmp_path, text))
+    assert any("api.token: environment variable FB_API_TOKEN is not set" in p
+               for p in problems(tmp_path, OUTBOUND.replace("${FB_API_TOKEN:-an-api-token-0123456789}",
+                                                            "${FB_API_TOKEN}")))
+
+
+def test_the_call_command_reads_only_the_api_section(tmp_path):
+    from controller.config import load_api_settings
+
+    path = write(tmp_path, OUTBOUND.replace("ClueCon2}", "}").replace("${ESL_PW:-}", "${ESL_PW}"))
+    api = load_api_settings(path, env={})  # the engines' secrets are not needed to place a call
+    assert api.token == "an-api-token-0123456789"

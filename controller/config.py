@@ -171,6 +171,8 @@ class Route:
         return bool(self.pattern) and re.fullmatch(self.pattern, did) is not None
 
     def describe_match(self) -> str:
+        if not self.dids and not self.pattern:
+            return "(outbound only)"
         return ",".join(self.dids) if self.dids else f"/{self.pattern}/"
 
 

@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,21 @@ def why_unusable() -> str:
             return f"no {tool} on PATH (apt-get install kamailio; `make test` does it as root)"
     prefix, why = find_prefix()
     return why_sipp_unusable() or ("" if prefix is not None else why)
+
+
+def free_sip_port(ip: str) -> int:
+    """A port free for both UDP and TCP on `ip` (sofia binds both), for runs that must not collide with others."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((ip, 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((ip, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError(f"no free port on {ip}")
 
 
 def _wait(predicate, timeout: float, what: str, poll: float = 0.1):
@@ -137,6 +153,10 @@ class Kamailio:
         _wait(lambda: self.states().get(uri, "").startswith(flag), timeout, f"{uri} to be {flag} in the dispatcher",
               poll=0.05)
         return time.monotonic() - t0
+
+    def log_lines(self, text: str) -> int:
+        """How many lines of the proxy's log so far contain `text`."""
+        return sum(text in line for line in _read(self.log_path).splitlines())
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -272,10 +292,12 @@ class Node:
               poll=0.25)
 
     def stop(self) -> None:
+        """The daemon by SIGTERM, the switch killed (nothing of it needs FreeSWITCH's ~7 s clean shutdown)."""
         self.stop_daemon()
         if self.probe is not None:
             with contextlib.suppress(Exception):
                 self.probe.close()
+        self.switch.kill()
         self.switch.stop()
 
 
@@ -490,3 +512,47 @@ def _read(path: Path) -> str:
     with contextlib.suppress(OSError):
         return path.read_text(errors="replace")
     return ""
+
+
+# ----------------------------------------------------------------------------------------- the whole cluster
+
+
+@dataclass
+class Cluster:
+    """The proxy and its nodes, started together and stopped together (each process by its own handle)."""
+
+    kamailio: Kamailio
+    nodes: list[Node]
+
+    @property
+    def proxy(self) -> tuple[str, int]:
+        return self.kamailio.listen
+
+    def node(self, contact: str) -> Node | None:
+        """The node a SIPp call's Contact (ip:port) names."""
+        return next((n for n in self.nodes if f"{n.ip}:{n.sip_port}" == contact), None)
+
+    def label(self, contact: str) -> str:
+        node = self.node(contact)
+        return node.name if node else contact or "-"
+
+
+@contextlib.contextmanager
+def running_cluster(workdir: Path, prefix: Path, proxy: tuple[str, int], nodes: list[tuple[str, str, int]],
+                    ping_interval: int = 1, fr_timer_ms: int = 1000, orphan_timeout: str = "10s"):
+    """Kamailio on `proxy` and one node per (name, ip, sip_port), every node active in the dispatcher."""
+    kamailio = Kamailio(workdir, proxy, [f"sip:{ip}:{port}" for _n, ip, port in nodes], ping_interval, fr_timer_ms)
+    started = Cluster(kamailio, [Node(name, prefix, workdir, ip, port, proxy[0]) for name, ip, port in nodes])
+    try:
+        for node in started.nodes:
+            node.start_switch()
+        for node in started.nodes:
+            node.start_daemon(orphan_timeout)
+        started.kamailio.start()
+        for node in started.nodes:
+            started.kamailio.wait_state(node.uri, "A", 5 * ping_interval + 5)
+        yield started
+    finally:
+        started.kamailio.stop()
+        for node in started.nodes:
+            node.stop()

@@ -31,7 +31,7 @@ import gevent
 from controller.esl import Event
 from fsim.audio import Silence, Tone
 from tests.harness import free_ports
-from tests.realswitch.sipp import caller_stream, free_udp_port, why_sipp_unusable, write_pcap
+from tests.realswitch.sipp import SDP, caller_stream, free_udp_port, why_sipp_unusable, write_pcap
 from tests.realswitch.switch import PASSWORD, REPO, FreeSwitch, Probe, find_prefix
 
 DEPLOY = REPO / "deploy" / "scale"
@@ -320,17 +320,7 @@ SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
       Content-Type: application/sdp
       Content-Length: [len]
 
-      v=0
-      o=sipp 53655765 2353687637 IN IP[local_ip_type] [local_ip]
-      s=-
-      c=IN IP[media_ip_type] [media_ip]
-      t=0 0
-      m=audio [media_port] RTP/AVP 0 101
-      a=rtpmap:0 PCMU/8000
-      a=rtpmap:101 telephone-event/8000
-      a=fmtp:101 0-16
-      a=ptime:20
-      a=sendrecv
+{sdp}
     ]]>
   </send>
   <recv response="100" optional="true"/>
@@ -468,7 +458,8 @@ class SippLoad:
         pcap = self.dir / "caller.pcap"
         write_pcap(pcap, caller_stream([Tone(440, 1.0), Silence(self.talk_s + 4)], 20))
         scenario = self.dir / "load.xml"
-        scenario.write_text(SCENARIO.replace("{pcap}", str(pcap)).replace("{talk_ms}", str(round(self.talk_s * 1000))))
+        scenario.write_text(SCENARIO.replace("{sdp}", SDP.format(ptime=20)).replace("{pcap}", str(pcap))
+                            .replace("{talk_ms}", str(round(self.talk_s * 1000))))
         self.limit_s = int(self.calls / self.rate + self.talk_s + 40)
         d = self.dir
         cmd = ["sipp", f"{self.proxy[0]}:{self.proxy[1]}", "-sf", str(scenario), "-s", DID,

@@ -78,7 +78,7 @@ def main() -> int:
         a, b = cluster.nodes
         print("scale-demo: both nodes active in the dispatcher (OPTIONS every 1 s); round-robin", flush=True)
         steps = [lambda: spread(cluster, calls=args.calls),
-                 lambda: drain(cluster, a, calls=args.calls),
+                 lambda: drain(cluster, a, calls=args.calls, after=6),
                  lambda: node_loss(cluster, b, calls=args.calls),
                  lambda: daemon_loss(cluster, a, ORPHAN_TIMEOUT_S, calls=max(4, args.calls // 2))]
         for step in steps:

@@ -112,11 +112,14 @@ def node_loss(cluster: Cluster, node: Node, calls: int = 12, rate: float = 2.0, 
     phase.check(detect_s <= 2 * cluster.kamailio.ping_interval + 2, "the proxy was slow to mark the node down")
     if restore:
         node.switch.stop()
+        t0 = time.monotonic()
         node.start_switch()
+        up_s = time.monotonic() - t0
+        back_s = up_s + cluster.kamailio.wait_state(node.uri, "A", 3 * cluster.kamailio.ping_interval + 10)
         _wait(lambda: "forkbridge_esl_connected 1.0" in node.metrics(), 20, f"{node.name}'s daemon to reconnect")
-        back_s = cluster.kamailio.wait_state(node.uri, "A", 3 * cluster.kamailio.ping_interval + 10)
-        phase.notes.append(f"{node.name}: FreeSWITCH restarted, its daemon reconnected, active again "
-                           f"{back_s:.1f} s after that")
+        phase.notes.append(f"{node.name}: FreeSWITCH restarted (up in {up_s:.1f} s), active in the dispatcher "
+                           f"{back_s:.1f} s after the restart, its daemon reconnected by itself "
+                           f"{time.monotonic() - t0:.1f} s after it")
     return phase
 
 

@@ -275,6 +275,13 @@ class Node:
             return [json.loads(line) for line in self.records_path.read_text().splitlines() if line.strip()]
         return []
 
+    def live_calls_armed(self) -> list[str]:
+        """The uuids of the node's live calls when every one has its orphan timer (sched_api group
+        forkbridge-<uuid>) scheduled on the switch; [] while one has not."""
+        live = [c.uuid for c in self.calls.values() if c.ended is None]
+        tasks = self.probe.api("show tasks") if self.probe is not None else ""
+        return live if live and all(f"forkbridge-{uuid}" in tasks for uuid in live) else []
+
     def channels(self) -> int | None:
         """Channels on the switch now (None when it is down)."""
         if not self.switch.running:
@@ -476,9 +483,10 @@ class SippLoad:
                                      stdin=subprocess.DEVNULL)
         return self
 
-    def answered(self) -> int:
-        """Calls answered so far (from SIPp's log as it goes)."""
-        return _read(self.dir / "calls.log").count("answered ")
+    def answered(self, node: str = "") -> int:
+        """Calls answered so far (from SIPp's log as it goes), by the node at `node` (ip:port) if given."""
+        text = _read(self.dir / "calls.log")
+        return len(re.findall(rf"^answered \S+ node={re.escape(node)}" if node else r"^answered ", text, re.M))
 
     def wait(self) -> LoadResult:
         assert self.proc is not None, "start() first"

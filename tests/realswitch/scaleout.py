@@ -12,7 +12,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from tests.realswitch.cluster import Cluster, LoadResult, Node, SippLoad, _wait
+from tests.realswitch.cluster import Cluster, Node, _wait
+from tests.realswitch.sippload import LoadResult, SippLoad
 
 GRACE_S = 0.5  # an INVITE the proxy dispatched just before a drain reaches the node this much later at most
 

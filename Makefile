@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= conf/forkbridge.yaml
 
-.PHONY: test lint run sysdeps freeswitch demo bench bench-switch
+.PHONY: test lint run sysdeps freeswitch demo bench bench-switch scale-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Debian tools some tests use (promtool, prometheus, systemd-analyze); a no-op when present or not root.
+# Debian tools some tests use (promtool, prometheus, systemd-analyze, kamailio); a no-op when present or not root.
 sysdeps:
 	@sh scripts/system-packages.sh
 
@@ -48,3 +48,10 @@ bench: $(STAMP)
 # The real-switch part alone: N concurrent calls per playback mode, sample rate and engine pace
 bench-switch: $(STAMP)
 	$(PY) bench/realswitch.py --calls $(N)
+
+# Scale-out on this machine's loopback: Kamailio's dispatcher (deploy/scale/) on 127.0.0.1:5060 in front of two
+# FreeSWITCH + forkbridge nodes (127.0.0.2, 127.0.0.3), SIPp callers; spread, drain, node loss, daemon loss.
+# Needs root (SIPp's RTP). Other addresses: make scale-demo SCALE_ARGS="--proxy 127.0.0.1:15060 --nodes ..."
+SCALE_ARGS ?=
+scale-demo: $(STAMP) sysdeps freeswitch
+	$(PY) tools/scale_demo.py $(SCALE_ARGS)

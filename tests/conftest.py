@@ -30,7 +30,12 @@ def _real_switch_line() -> str:
 
     prefix, why = find_prefix()
     if prefix is not None:
-        return f"real FreeSWITCH suite: RUNS against {why}"
+        from tests.realswitch.cluster import why_unusable
+
+        line, scale = f"real FreeSWITCH suite: RUNS against {why}", why_unusable()
+        if scale:
+            line += f"; its scale-out scenario {'FAILS (CI)' if must_run() else 'SKIPPED'}: {scale}"
+        return line
     return f"real FreeSWITCH suite: {'FAILS (CI)' if must_run() else 'SKIPPED'}: {why}"
 
 

@@ -106,9 +106,11 @@ TEST_EXTENSIONS = r"""<include>
 """
 
 
-def write_config(template: Path, conf: Path, esl_port: int, extra_public: dict[str, str]) -> None:
+def write_config(template: Path, conf: Path, esl_port: int, extra_public: dict[str, str],
+                 extra_files: dict[str, str] | None = None) -> None:
     """The switch's config: the prefix's template, our event_socket.conf.xml (its port and password set for this
-    switch) and our dialplan/forkbridge.xml as the public context's DIDs, plus the tests' own extensions."""
+    switch) and our dialplan/forkbridge.xml as the public context's DIDs, plus the tests' own extensions, plus
+    `extra_files` (path under conf/ -> text, e.g. a SIP profile of deploy/scale/)."""
     if conf.exists():
         shutil.rmtree(conf)
     shutil.copytree(template, conf)
@@ -125,6 +127,9 @@ def write_config(template: Path, conf: Path, esl_port: int, extra_public: dict[s
     (public / "20_fb_test.xml").write_text(TEST_EXTENSIONS)
     for name, text in extra_public.items():
         (public / name).write_text(text)
+    for name, text in (extra_files or {}).items():
+        (conf / name).parent.mkdir(parents=True, exist_ok=True)
+        (conf / name).write_text(text)
 
 
 # ----------------------------------------------------------------------------------------- ESL probe
@@ -191,6 +196,7 @@ class FreeSwitch:
         self.esl_port, self.sip_port = free_ports(2)
         self.proc: subprocess.Popen | None = None
         self.extra_public: dict[str, str] = {}
+        self.extra_files: dict[str, str] = {}  # path under conf/ -> text, written after the template
 
     @property
     def conf(self) -> Path:
@@ -207,7 +213,7 @@ class FreeSwitch:
     def start(self, timeout: float = 90.0) -> FreeSwitch:
         for sub in ("log", "run", "db", "temp", "cache", "recordings", "storage", "sounds", "spool"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        write_config(self.prefix / "conf", self.conf, self.esl_port, self.extra_public)
+        write_config(self.prefix / "conf", self.conf, self.esl_port, self.extra_public, self.extra_files)
         certs = REPO / ".cache" / "freeswitch-certs"  # made by the first start (slow), shared by later ones
         certs.mkdir(parents=True, exist_ok=True)
         d = self.dir

@@ -61,6 +61,7 @@ class CallInfo:
     greeting: str = ""
     tools: tuple[ToolSpec, ...] = ()
     dtmf_mode: str = "message"  # engine-specific delivery hint (e.g. ElevenLabs user_message/contextual_update)
+    channel_rate: int = 0  # the call's codec rate (0: not known): output above it is lost in FreeSWITCH anyway
 
 
 # ---- events out of an engine ----------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """OpenAI Realtime (GA interface only) over WebSocket.
 
 Formats: an 8 kHz call uses `audio/pcmu` both ways (PCMU@8000: companding only, no resampling); any
-other call uses `audio/pcm` at 24 kHz (PCM16@24000; the bridge resamples). `session.updated` must
+other call sends `audio/pcm` at 24 kHz (PCM16@24000; the bridge resamples), and hears `audio/pcmu` too when its
+channel is 8 kHz (24 kHz would only be resampled down), else `audio/pcm` at 24 kHz. `session.updated` must
 echo both formats, or the session is refused (a model that silently ignored the format would play
 noise to the caller).
 
@@ -85,8 +86,13 @@ class OpenAIRealtimeEngine(WebSocketEngine):
         query.setdefault("model", str(self.config.get("model") or DEFAULT_MODEL))
         return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
 
-    def _format(self) -> tuple[AudioFormat, dict[str, Any]]:
-        if self.call.sample_rate == 8000:
+    def _format(self, direction: str) -> tuple[AudioFormat, dict[str, Any]]:
+        """An 8 kHz fork takes and gives audio/pcmu (no resampling). An 8 kHz channel hears audio/pcmu whatever
+        the fork's rate: 24 kHz output would be resampled down to 8 kHz anyway, and soxr hands out a 24→8 kHz
+        stream in blocks of up to 75 ms (MQ), which the caller would wait for at the start of every reply."""
+        rate = self.call.sample_rate if direction == "input" else min(self.call.sample_rate,
+                                                                      self.call.channel_rate or 24000)
+        if rate == 8000:
             return PCMU_8K, {"type": "audio/pcmu"}
         return PCM_24K, {"type": "audio/pcm", "rate": 24000}
 
@@ -107,9 +113,8 @@ class OpenAIRealtimeEngine(WebSocketEngine):
 
     def session_update(self) -> dict[str, Any]:
         """The GA `session.update` this call sends (reference §4)."""
-        _, fmt = self._format()
         self._turn_detection = self._turn_detection_config()
-        output: dict[str, Any] = {"format": dict(fmt)}
+        output: dict[str, Any] = {"format": dict(self._format("output")[1])}
         voice = self.call.voice or self.config.get("voice")
         if voice:
             output["voice"] = voice
@@ -118,7 +123,7 @@ class OpenAIRealtimeEngine(WebSocketEngine):
             "model": str(self.config.get("model") or DEFAULT_MODEL),
             "output_modalities": ["audio"],
             "audio": {
-                "input": {"format": dict(fmt), "transcription": {"model": TRANSCRIPTION_MODEL},
+                "input": {"format": dict(self._format("input")[1]), "transcription": {"model": TRANSCRIPTION_MODEL},
                           "turn_detection": self._turn_detection},
                 "output": output,
             },
@@ -136,7 +141,6 @@ class OpenAIRealtimeEngine(WebSocketEngine):
         if not api_key:
             raise EngineRefused(f"{self.type_name}: api_key is not set")
         update = self.session_update()
-        fmt, wire_fmt = self._format()
         deadline = self._deadline()
         self._open(self._url(), {"Authorization": f"Bearer {api_key}"})
         first = self._recv_json(deadline)
@@ -149,10 +153,11 @@ class OpenAIRealtimeEngine(WebSocketEngine):
         audio = (message.get("session") or {}).get("audio") or {}
         for direction in ("input", "output"):
             echoed = (audio.get(direction) or {}).get("format")
+            wire_fmt = self._format(direction)[1]
             if not _same_format(echoed, wire_fmt):
                 raise EngineRefused(f"{self.type_name}: session.updated has {direction} format "
                                     f"{json.dumps(echoed)[:80]}, asked for {json.dumps(wire_fmt)}")
-        self.formats = EngineFormats(input=fmt, output=fmt)
+        self.formats = EngineFormats(input=self._format("input")[0], output=self._format("output")[0])
 
     # ---- bridge → engine -------------------------------------------------------------------------
 

@@ -27,12 +27,18 @@ log = logging.getLogger("forkbridge.playback")
 FIRST_CHUNK_MS = 160
 MAX_CHUNK_MS = 1000
 FLUSH_AFTER_S = 0.08  # pending audio shorter than a chunk is queued anyway after this long
-# Growing (native) files: a file starts playing once it holds NATIVE_START_MS and NATIVE_MARGIN_MS more than the
-# largest single delivery so far (an engine streaming at real time sends its next piece about that much later,
-# so FreeSWITCH never reaches the end of what was written), or NATIVE_START_AFTER_S after its first audio.
+# Growing (native) files: a file starts playing at once when it holds NATIVE_START_MS and NATIVE_MARGIN_MS more
+# than the largest single delivery so far (the engine is running ahead of real time), else NATIVE_START_AFTER_S
+# after the reply's first audio once it holds NATIVE_START_MS. Started then, an engine that streams at exactly
+# real time stays about that far ahead of FreeSWITCH's reading (which runs a frame ahead of the caller's ear)
+# whatever the size of its pieces: each piece lands before the one before it has been read. An engine whose
+# pieces come later than that makes FreeSWITCH reach the end of the file (a one-frame hole, docs/playback.md):
+# from then on that call's replies start NATIVE_LEAD_STEP_S later each time, up to NATIVE_START_WAIT_S.
 NATIVE_START_MS = 40
 NATIVE_MARGIN_MS = 20
-NATIVE_START_AFTER_S = 0.15
+NATIVE_START_AFTER_S = 0.04
+NATIVE_START_WAIT_S = 0.15  # a reply slower than real time starts anyway after this long
+NATIVE_LEAD_STEP_S = 0.04  # after FreeSWITCH caught up with a call's engine, its later replies wait this much more
 # Codecs mod_native_file plays as they are (the file's extension names the codec; it must be the channel's)
 NATIVE_CODECS = {"PCMU": PCMU, "PCMA": PCMA, "L16": PCM16}
 
@@ -139,6 +145,7 @@ class BroadcastPlayer(Player):
         self._growing: _Chunk | None = None  # the file the current reply is appended to
         self._align = 2 if self.format.encoding == PCM16 else 1
         self._largest_ms = 0.0  # the largest single delivery since the last file was queued
+        self._start_after = NATIVE_START_AFTER_S  # grows each time this call's engine fell behind (a jitter buffer)
 
     # ---- feeding ----
     def feed(self, pcm: bytes, response_id: str) -> None:
@@ -157,7 +164,7 @@ class BroadcastPlayer(Player):
         if self._ms(len(self._pending)) >= self._start_ms():
             self._flush()
         elif self._flush_timer is None:
-            self._flush_timer = gevent.spawn_later(NATIVE_START_AFTER_S if self.native else FLUSH_AFTER_S,
+            self._flush_timer = gevent.spawn_later(self._start_after if self.native else FLUSH_AFTER_S,
                                                    self._timed_flush)
 
     def _start_ms(self) -> float:
@@ -172,8 +179,12 @@ class BroadcastPlayer(Player):
             self._flush()
             self._seal()
 
-    def _timed_flush(self) -> None:
+    def _timed_flush(self, waited: float = 0.0) -> None:
         self._flush_timer = None
+        waited += self._start_after if self.native else FLUSH_AFTER_S
+        if self.native and self._ms(len(self._pending)) < NATIVE_START_MS and waited < NATIVE_START_WAIT_S:
+            self._flush_timer = gevent.spawn_later(self._start_after, self._timed_flush, waited)
+            return
         self._flush()
 
     def _flush(self) -> None:
@@ -270,6 +281,7 @@ class BroadcastPlayer(Player):
                     and chunk.response_id == self._pending_response):
             self.on_underrun()
         if tail:
+            self._start_after = min(NATIVE_START_WAIT_S, self._start_after + NATIVE_LEAD_STEP_S)
             self._requeue(tail, chunk.response_id)
 
     def _requeue(self, tail: bytes, response_id: str) -> None:
@@ -286,10 +298,11 @@ class BroadcastPlayer(Player):
             return
         self._pending[:0] = tail
         self._pending_response = response_id
+        self._largest_ms = max(self._largest_ms, self._ms(len(tail)))  # it came late: not a sign of running ahead
         if response_id in self._done or self._ms(len(self._pending)) >= self._start_ms():
             self._flush()
         elif self._flush_timer is None:
-            self._flush_timer = gevent.spawn_later(NATIVE_START_AFTER_S, self._timed_flush)
+            self._flush_timer = gevent.spawn_later(self._start_after, self._timed_flush)
 
     def _elapsed_ms(self, chunk: _Chunk) -> float:
         return min(chunk.duration_ms, (time.monotonic() - chunk.started_at) * 1000.0)

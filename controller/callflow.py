@@ -200,7 +200,7 @@ class Controller:
         greeting = "" if route.greeting_file else route.greeting
         instructions = "\n\n".join(text for text in (route.instructions, context) if text)
         info = CallInfo(uuid=uuid, did=did, caller_id=caller_id, sample_rate=route.sample_rate,
-                        instructions=instructions, voice=route.voice, greeting=greeting)
+                        instructions=instructions, voice=route.voice, greeting=greeting, channel_rate=codec[1])
         options = MediaOptions(engine_type=engine_cfg.type, engine_options=engine_cfg.options,
                                playback=route.playback, spool_dir=self.config.bridge.spool_dir,
                                greeting_file=route.greeting_file, no_audio_timeout=route.no_audio_timeout,

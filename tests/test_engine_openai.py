@@ -38,13 +38,14 @@ def fake():
     server.stop()
 
 
-def make(fake, rec, *, rate=16000, tools=(), greeting="Thanks for calling ACME.", **config):
+def make(fake, rec, *, rate=16000, tools=(), greeting="Thanks for calling ACME.", channel_rate=0, **config):
     cfg = {"url": fake.url, "api_key": KEY, "model": "gpt-realtime", "voice": "marin", "connect_timeout": "3s",
            "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
                               "silence_duration_ms": 200}}
     cfg.update(config)
     call = CallInfo(uuid="uuid-1", did="7100", caller_id="+15551230000", sample_rate=rate,
-                    instructions="You are the front desk.", voice="", greeting=greeting, tools=tuple(tools))
+                    instructions="You are the front desk.", voice="", greeting=greeting, tools=tuple(tools),
+                    channel_rate=channel_rate)
     engine = create_engine("openai_realtime", cfg, call, rec)
     engine.connect()
     return engine
@@ -106,6 +107,20 @@ def test_8k_call_uses_pcmu_both_ways_without_resampling(fake, rec):
     engine.greet()
     done = rec.wait_for(ResponseDone)
     assert len(audio_of(rec, done.response_id)) == fake.reply_ms * 8  # mu-law: 8 bytes per ms
+    engine.close()
+
+
+@pytest.mark.parametrize("channel_rate, heard", [(8000, {"type": "audio/pcmu"}),
+                                                  (16000, {"type": "audio/pcm", "rate": 24000})])
+def test_a_16k_call_hears_pcmu_when_its_channel_is_8k(fake, rec, channel_rate, heard):
+    """24 kHz output on an 8 kHz channel would only be resampled down, and soxr's 24→8 kHz stream comes out in
+    blocks of up to 75 ms: the first words of every reply would wait for them."""
+    engine = make(fake, rec, rate=16000, channel_rate=channel_rate)
+    audio = fake.messages("session.update")[0]["session"]["audio"]
+    assert audio["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert audio["output"]["format"] == heard
+    assert engine.formats.input == AudioFormat(PCM16, 24000)
+    assert engine.formats.output == (AudioFormat(PCMU, 8000) if channel_rate == 8000 else AudioFormat(PCM16, 24000))
     engine.close()
 
 

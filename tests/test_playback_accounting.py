@@ -60,3 +60,39 @@ def test_nothing_heard_means_nothing_to_truncate(tmp_path):
     player.feed(ms(160), "A")
     heard = player.stop()
     assert heard.response_id == "A" and heard.played_ms == 0
+
+
+def test_a_real_time_reply_starts_after_a_short_lead_which_grows_when_freeswitch_catches_up(tmp_path):
+    """A growing native file: an engine at exactly real time (100 ms pieces, 100 ms apart) starts playing
+    NATIVE_START_AFTER_S after its first audio, not a whole piece later; each time FreeSWITCH reached the end of
+    what was written (PLAYBACK_STOP done with fewer bytes read), that call's next replies wait a step longer."""
+    import time
+
+    import gevent
+
+    from bridge.audio import PCMU, AudioFormat
+    from bridge.playback import NATIVE_LEAD_STEP_S, NATIVE_START_AFTER_S
+
+    control = Control()
+    player = BroadcastPlayer(control, str(tmp_path), "uuid-1", 8000, native=AudioFormat(PCMU, 8000))
+    fed = time.monotonic()
+    player.feed(b"\xff" * 800, "A")  # 100 ms of PCMU
+    assert not control.played
+    for _ in range(100):
+        if control.played:
+            break
+        gevent.sleep(0.005)
+    waited = time.monotonic() - fed
+    assert control.played and NATIVE_START_AFTER_S - 0.005 <= waited < NATIVE_START_AFTER_S + 0.05
+    first = control.played[0]
+    player.playback_started(first)
+    player.feed(b"\xff" * 800, "A")  # the next piece, after FreeSWITCH read only the first 100 ms
+    player.playback_stopped(first, "done", read_bytes=800)
+    assert player._start_after == NATIVE_START_AFTER_S + NATIVE_LEAD_STEP_S
+    assert len(control.played) == 1  # the unread 100 ms wait for the longer lead, then go on in a new file
+    for _ in range(100):
+        if len(control.played) == 2:
+            break
+        gevent.sleep(0.005)
+    assert len(control.played) == 2 and (tmp_path / control.played[1].rsplit("/", 1)[-1]).stat().st_size == 800
+    player.close()

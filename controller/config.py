@@ -500,9 +500,10 @@ def _read_record(route: _Section) -> str:
         return ""
     if node.value is True:
         return RECORD_PATH
-    sec = route.section("record", ("path",))
-    if not sec.items:
+    if not isinstance(node.value, dict):
+        route.bad("record", f"expected true, false or a mapping with path:, got {_kind(node.value)}")
         return ""
+    sec = route.section("record", ("path",))
     path = sec.str("path", RECORD_PATH)
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(path) if name is not None}

@@ -86,6 +86,7 @@ class OpenAIFake(FakeServer):
     tones: the tone frequency of each audio response in turn (330 Hz once the list runs out), so a test can
     tell responses apart in what the caller heard. expire_after: seconds after which each session hits its
     length limit (error session_expired, then the socket closes), as the real one does after 60 minutes.
+    created_delay: seconds before session.created (a slow server: a new session takes this long to open).
     """
 
     def __init__(self, api_key: str = "sk-test-fake-key-000000", model: str = "gpt-realtime") -> None:
@@ -104,6 +105,7 @@ class OpenAIFake(FakeServer):
         self.tool_script: list[tuple[str, dict[str, Any]]] = []  # next responses become these tool calls
         self.sessions: list[Session] = []
         self.expire_after: float | None = None
+        self.created_delay = 0.0
         self._ids = itertools.count(1)
 
     @property
@@ -132,6 +134,7 @@ class OpenAIFake(FakeServer):
         self.sessions.append(session)
         if self.expire_after is not None:
             gevent.spawn_later(self.expire_after, self._expire, session)
+        gevent.sleep(self.created_delay)
         self.send(conn, {"type": "session.created", "session": session.config})
         self.receive_loop(conn, lambda m: self._on_message(session, m))
 

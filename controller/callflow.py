@@ -247,9 +247,8 @@ class Controller:
         rec = call.recording
         if rec is not None:
             if rec.started is not None:
-                self._closing_recordings[call.uuid] = call
                 rec.done.wait(STOP_WAIT)
-                self._closing_recordings.pop(call.uuid, None)
+            self._closing_recordings.pop(call.uuid, None)
             call.record.recording = rec.summary()
         self.on_call_end(call)
 
@@ -496,6 +495,7 @@ class Controller:
             unregister_secret(token)
         call.log.info("ended (%s), outcome %s", cause, call.outcome)
         if call.recording is not None:
+            self._closing_recordings[call.uuid] = call  # its RECORD_STOP may be the very next event
             gevent.spawn(self._report, call)
         else:
             self.on_call_end(call)

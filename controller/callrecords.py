@@ -123,11 +123,15 @@ class CallRecord:
         self.latencies.setdefault(kind, []).append(round(seconds, 4))
         return self
 
-    def finish(self, outcome: str, hangup_cause: str = "") -> CallRecord:
-        self.end_time = time.time()
+    def finish(self, outcome: str, hangup_cause: str = "", ended: float | None = None) -> CallRecord:
+        """`ended`: time.monotonic() when the call ended, if the record is finished later (default: now)."""
+        ago = time.monotonic() - ended if ended is not None else 0.0
+        self.end_time = time.time() - ago
         self.outcome = outcome
         self.hangup_cause = hangup_cause or self.hangup_cause
-        return self.event("end", outcome=outcome, **({"cause": hangup_cause} if hangup_cause else {}))
+        detail = {"outcome": outcome, **({"cause": hangup_cause} if hangup_cause else {})}
+        self.timeline.append((round(self.now() - ago, 3), "end", detail))
+        return self
 
     @property
     def duration(self) -> float | None:

@@ -130,7 +130,7 @@ class Daemon:
         outcome = call.outcome if call.outcome in OUTCOMES else "completed"
         duration = (call.ended_at or time.monotonic()) - call.answered_at
         self.metrics.call_finished(call.route.name, call.engine.name, outcome, duration)
-        call.record.finish(call.outcome or "completed", call.end_reason)
+        call.record.finish(call.outcome or "completed", call.end_reason, call.ended_at)
         if self.records is not None:
             self.records.write(call.record)
         call.media = None  # its engine and resamplers go now, not when this short history forgets the call

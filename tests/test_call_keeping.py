@@ -142,7 +142,7 @@ def test_a_call_outliving_two_engine_sessions_carries_on_with_the_conversation_s
     continued = [d for _t, name, d in record["timeline"] if name == "engine_continued"]
     assert [d["after"] for d in continued] == ["session_expired"] * 2
     # a new session takes 0.3 s to open: the caller's tone meanwhile is held and sent to it
-    assert all(300 <= d["pause_ms"] < 1500 and 200 <= d["held_ms"] for d in continued), continued
+    assert all(300 <= d["pause_ms"] < 1500 and d["held_ms"] >= 200 for d in continued), continued
     # replies before, between and after the switches: one per caller turn
     pieces = [s for s in call.ear.segments() if s.rms() > 100 and abs(s.frequency() - REPLY_HZ) <= 20]
     replies = [b for a, b in zip([None, *pieces], pieces, strict=False) if a is None or b.start - a.end > 0.3]

@@ -9,6 +9,7 @@ import wave
 
 import numpy as np
 
+from bridge.session import continued_instructions
 from fsim import CallerScript, FSim, Silence, Tone
 from fsim.audio import dominant_frequency
 from tests.fakes.openai_fake import OpenAIFake
@@ -179,3 +180,30 @@ def test_the_call_record_of_a_barge_in_has_both_sides_and_what_was_heard_of_the_
     assert interrupted["heard_ms"] < interrupted["of_ms"]
     assert cut[0]["text"].startswith(interrupted["heard_text"]) and len(interrupted["heard_text"]) < len(cut[0]["text"])
     assert all(0 <= entry["t"] <= record["duration"] + 0.5 for entry in record["transcripts"])
+
+
+def test_a_new_session_the_engine_refuses_ends_in_the_fallback(tmp_path):
+    fake = start_bot(expire_after=2.0, tones=[REPLY_HZ] * 5)
+    try:
+        with FSim() as sw, running_daemon(daemon_config(tmp_path, sw, fake, greeting="")) as daemon:
+            call = sw.place_call(did="7100", rate=16000, script=CallerScript(
+                audio=Silence(0.5) + Tone(CALLER_HZ, 0.5) + Silence(10.0), hangup_after=10.0))
+            wait_until(lambda: heard_at(call, REPLY_HZ) >= 0.3, what="a reply from the first session")
+            fake.api_key = "sk-rotated-key-000000"  # the next session is refused (HTTP 401)
+            wait_until(lambda: call.transferred_to, 10, "the fallback transfer")
+            record = call_record(tmp_path, call.uuid)
+        assert daemon.metrics.continuations.labels(route="desk", result="failed")._value.get() == 1
+    finally:
+        fake.stop()
+    assert call.transferred_to.startswith("1000")
+    assert (record["outcome"], record["continuations"]) == ("fallback_transfer", 0)
+    assert next(d["reason"] for _t, name, d in record["timeline"] if name == "ending") == "continuation_failed"
+
+
+def test_the_conversation_carried_into_a_new_session_is_bounded_and_keeps_the_latest_turns():
+    said = [["user", f"question {i}", ""] if i % 2 == 0 else ["assistant", f"answer {i}", f"r{i}"]
+            for i in range(1000)]
+    text = continued_instructions(INSTRUCTIONS, said, limit=500)
+    assert text.startswith(INSTRUCTIONS) and len(text) < len(INSTRUCTIONS) + 800
+    assert text.endswith("Agent: answer 999") and "(earlier turns left out)" in text and "question 0\n" not in text
+    assert continued_instructions("", []).endswith("The conversation so far:\n(nothing yet)")

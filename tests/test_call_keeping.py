@@ -71,20 +71,25 @@ def channel_pitches(path: str) -> tuple[int, list[float], list[float]]:
     return channels, pitches[0], pitches[1] if channels > 1 else []
 
 
-def test_a_recorded_call_keeps_the_caller_and_the_agent_on_their_own_channels(tmp_path):
+def recorded_call(tmp_path, path: str, result: str):
+    """The greeting (300 Hz), then the caller says 440 Hz and hears the 700 Hz reply, on a route recording to
+    `path`; the call, its record, what FreeSWITCH was told, and whether the recording counted as `result`."""
     fake = start_bot(tones=[GREETING_HZ, REPLY_HZ])
-    template = f"{{path: '{tmp_path}/recordings/{{date}}/{{uuid}}.wav'}}"
     try:
-        with FSim() as sw, running_daemon(daemon_config(tmp_path, sw, fake, record=template)) as daemon:
-            # the greeting, then the caller says 440 Hz and hears the 700 Hz reply
+        with FSim() as sw, running_daemon(daemon_config(tmp_path, sw, fake, record=f"{{path: '{path}'}}")) as daemon:
             call = sw.place_call(did="7100", rate=16000, script=CallerScript(
                 audio=Silence(1.5) + Tone(CALLER_HZ, 0.6) + Silence(10.0), hangup_after=10.0))
             wait_until(lambda: heard_at(call, REPLY_HZ) >= 0.5, what="the reply to be heard")
             call.hangup("NORMAL_CLEARING", by="caller")
             record = call_record(tmp_path, call.uuid)
-        assert daemon.metrics.recordings.labels(route="desk", result="started")._value.get() == 1
+        assert daemon.metrics.recordings.labels(route="desk", result=result)._value.get() == 1
     finally:
         fake.stop()
+    return call, record, sw.commands_for(call.uuid)
+
+
+def test_a_recorded_call_keeps_the_caller_and_the_agent_on_their_own_channels(tmp_path):
+    call, record, commands = recorded_call(tmp_path, f"{tmp_path}/recordings/{{date}}/{{uuid}}.wav", "started")
 
     recording = record["recording"]
     assert recording["path"].startswith(f"{tmp_path}/recordings/20") and recording["path"].endswith(
@@ -95,25 +100,15 @@ def test_a_recorded_call_keeps_the_caller_and_the_agent_on_their_own_channels(tm
     assert channels == 2
     assert caller_side and all(abs(f - CALLER_HZ) < 15 for f in caller_side), caller_side
     assert {round(f / 100) * 100 for f in agent_side} == {300, 700}, agent_side  # greeting and reply
-    sent = [f"{c.command} {c.args.split(' ', 1)[1]}" for c in sw.commands_for(call.uuid)
+    sent = [f"{c.command} {c.args.split(' ', 1)[1]}" for c in commands
             if c.command == "uuid_record" or "RECORD_STEREO" in c.args]
     assert sent == ["uuid_setvar RECORD_STEREO true", f"uuid_record start {recording['path']}"]
 
 
 def test_a_recording_freeswitch_cannot_start_is_counted_and_the_call_goes_on(tmp_path):
-    fake = start_bot(tones=[GREETING_HZ, REPLY_HZ])
     (tmp_path / "not-a-dir").write_text("")  # a file where the recordings directory should be
-    template = f"{{path: '{tmp_path}/not-a-dir/{{uuid}}.wav'}}"
-    try:
-        with FSim() as sw, running_daemon(daemon_config(tmp_path, sw, fake, record=template)) as daemon:
-            call = sw.place_call(did="7100", rate=16000, script=CallerScript(
-                audio=Silence(1.5) + Tone(CALLER_HZ, 0.6) + Silence(10.0), hangup_after=10.0))
-            wait_until(lambda: heard_at(call, REPLY_HZ) >= 0.5, what="the reply, recording or not")
-            call.hangup("NORMAL_CLEARING", by="caller")
-            record = call_record(tmp_path, call.uuid)
-        assert daemon.metrics.recordings.labels(route="desk", result="failed")._value.get() == 1
-    finally:
-        fake.stop()
+    _call, record, _commands = recorded_call(tmp_path, f"{tmp_path}/not-a-dir/{{uuid}}.wav", "failed")
+
     assert record["outcome"] == "completed"
     assert record["recording"]["error"] == "-ERR Cannot record session!"
     assert any(name == "recording_failed" for _t, name, _d in record["timeline"])

@@ -152,6 +152,7 @@ class Engine(ABC):
         self.call = call
         self._sink = sink
         self.formats: EngineFormats | None = None
+        self.expires_at: float | None = None  # epoch seconds at which the engine says this session will end
 
     def emit(self, event: EngineEvent) -> None:
         self._sink(event)

@@ -145,6 +145,9 @@ class OpenAIRealtimeEngine(WebSocketEngine):
             raise EngineRefused(self._error_text(first))
         if first.get("type") != "session.created":
             raise EngineRefused(f"{self.type_name}: expected session.created, got {str(first.get('type'))[:60]}")
+        expires = (first.get("session") or {}).get("expires_at")
+        if isinstance(expires, int | float) and not isinstance(expires, bool):
+            self.expires_at = float(expires)
         self._setup_send(update)
         message = self._await_setup("session.updated", deadline, self._error_text)
         audio = (message.get("session") or {}).get("audio") or {}

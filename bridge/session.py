@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -51,6 +52,9 @@ PLAYBACK_FAILURES_MAX = 2  # chunks in a row FreeSWITCH could not play before th
 HANGUP_AFTER_PLAYBACK_MAX = 10.0  # seconds a goodbye may still play before the model's hangup happens
 HOLD_MAX_S = 30.0  # caller audio kept while a new engine session opens (its connect_timeout is less)
 SUMMARY_MAX_CHARS = 4000  # the conversation so far, as carried into a new session's instructions
+RENEW_MARGIN_S = 120.0  # a session that announces its end is replaced this long before it (at most a quarter)
+RECENT_FRAMES = 500  # the caller's last frames (10 s at 20 ms), replayed to a new session from the utterance start
+PREROLL_S = 0.5  # ... and this much before the engine heard it start
 
 
 @dataclass
@@ -109,6 +113,9 @@ class MediaSession:
         self._held_text: list[str] = []
         self._said: list[list[str]] = []  # [role, text, response] as the engines reported it, for a new session
         self._open_responses: set[str] = set()
+        self._caller_speaking = False
+        self._speech_started_at = 0.0
+        self._recent: deque[tuple[float, bytes]] = deque(maxlen=RECENT_FRAMES)  # for an utterance cut by a switch
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -144,6 +151,8 @@ class MediaSession:
         self._in = Converter(self.call_format, formats.input)
         self._out = Converter(formats.output, self.playback_format)
         self.engine = engine
+        if engine.expires_at is not None:
+            self._greenlets.append(gevent.spawn(self._renew_before_the_end, engine))
 
     def _connect_engine(self) -> None:
         try:
@@ -229,6 +238,7 @@ class MediaSession:
                 self.hooks.mark("first_caller_audio", {"bytes": len(message)})
             if self.stats is not None:
                 self.stats.audio_in(len(message))
+            self._recent.append((self._last_audio, message))
             if self._held is not None:  # a new engine session is opening: it gets this once it is ready
                 if len(self._held) * len(message) < HOLD_MAX_S * self.info.sample_rate * 2:
                     self._held.append(message)
@@ -325,9 +335,11 @@ class MediaSession:
             self._open_responses.add(event.response_id)
             self._on_audio(event)
         elif isinstance(event, SpeechStarted):
+            self._caller_speaking, self._speech_started_at = True, time.monotonic()
             self.hooks.mark("speech_started", {})
             self.barge_in()
         elif isinstance(event, SpeechStopped):
+            self._caller_speaking = False
             self._speech_stopped_at = time.monotonic()
             self.hooks.mark("speech_stopped", {})
         elif isinstance(event, Interrupted):
@@ -346,9 +358,7 @@ class MediaSession:
         elif isinstance(event, EngineError):
             self.hooks.mark("engine_error", {"code": event.code, "fatal": event.fatal})
             if event.fatal and self.engine is not None and event.code in self.engine.session_limit_codes:
-                self._generation += 1  # the old session's Closed and anything after it are not the call's end
-                self._held = []
-                self._greenlets.append(gevent.spawn(self._continue_session, event.code))
+                self._switch_session(event.code)
             elif event.fatal:
                 self._fail("engine_error", event.code)
         elif isinstance(event, Closed):
@@ -357,6 +367,28 @@ class MediaSession:
                     gevent.spawn(self._hangup_after_playback)
             else:
                 self._fail("engine_dropped", event.reason)
+
+    def _switch_session(self, why: str) -> None:
+        """From now on the caller's audio is held for a new session. An utterance under way started in the old
+        one: the new one gets it from its start, so the caller's words are not cut."""
+        self._generation += 1  # the old session's Closed and anything after it are not the call's end
+        since = self._speech_started_at - PREROLL_S
+        self._held = [frame for t, frame in self._recent if t >= since] if self._caller_speaking else []
+        self._caller_speaking = False
+        self._greenlets.append(gevent.spawn(self._continue_session, why))
+
+    def _renew_before_the_end(self, engine: Engine) -> None:
+        """A session that says when it will end (OpenAI's expires_at) is replaced shortly before, at a moment
+        when nobody speaks, so the caller hears no pause at all. If no such moment comes, the session's own end
+        is handled as any session limit."""
+        assert engine.expires_at is not None
+        left = engine.expires_at - time.time()
+        gevent.sleep(max(0.0, left - min(RENEW_MARGIN_S, left / 4)))
+        while engine.expires_at - time.time() > 0.5 and (self._caller_speaking or self._open_responses
+                                                         or (self.player is not None and self.player.playing)):
+            gevent.sleep(0.05)
+        if engine is self.engine and self._held is None and not self._closed and engine.expires_at > time.time():
+            self._switch_session("session_ending")
 
     def _continue_session(self, code: str) -> None:
         """The engine's session reached its limit: the call goes on in a new one, told its instructions and

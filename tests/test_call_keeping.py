@@ -115,11 +115,12 @@ def test_a_recording_freeswitch_cannot_start_is_counted_and_the_call_goes_on(tmp
 
 
 def test_a_call_outliving_two_engine_sessions_carries_on_with_the_conversation_so_far(tmp_path):
-    """The 60-minute session limit, scaled down: the fake expires every session after 3 s, and the caller talks for
+    """The 60-minute session limit, scaled down and unannounced (no expires_at to act on before it): the fake
+    expires every session after 3 s with session_expired, and the caller talks for
     about 8 s (a 0.6 s tone every 1.6 s), so the call needs two continuations, each while the caller is speaking.
     The caller keeps hearing replies, nothing falls back, what was said during a switch reaches the new session,
     and the third session is told what was said in the first two."""
-    fake = start_bot(expire_after=3.0, created_delay=0.3, tones=[REPLY_HZ] * 20, reply_ms=400,
+    fake = start_bot(expire_after=3.0, announce_expiry=False, created_delay=0.3, tones=[REPLY_HZ] * 20, reply_ms=400,
                      user_transcript="I need an appointment", reply_transcript="Sure, which day?")
     turn = Tone(CALLER_HZ, 0.6) + Silence(1.0)  # tones at 1.0, 2.6 (session 1 expires), 4.2, 5.8 (session 2), 7.4
     # the last reply ends about 8.6 s in; the third session would expire at about 9.1 s
@@ -177,8 +178,31 @@ def test_the_call_record_of_a_barge_in_has_both_sides_and_what_was_heard_of_the_
     assert all(0 <= entry["t"] <= record["duration"] + 0.5 for entry in record["transcripts"])
 
 
+def test_a_session_that_announces_its_end_is_replaced_before_it_without_an_error(tmp_path):
+    """OpenAI's session.created says when the session will end (expires_at): the call moves to a new session a
+    quarter of the session's life before that (at most 2 minutes before), at a moment nobody speaks if one comes,
+    so the caller never meets the limit. Sessions of 3 s here, three caller turns over about 6 s."""
+    fake = start_bot(expire_after=3.0, tones=[REPLY_HZ] * 20, reply_ms=400)
+    turn = Tone(CALLER_HZ, 0.6) + Silence(1.0)
+    script = CallerScript(audio=Silence(1.0) + turn + turn + turn + Silence(5.0), hangup_after=6.0)
+    try:
+        with FSim() as sw, running_daemon(daemon_config(tmp_path, sw, fake, greeting="")):
+            call = sw.place_call(did="7100", rate=16000, script=script)
+            wait_until(lambda: call.hungup.is_set(), 10, "the caller to finish and hang up")
+            record = call_record(tmp_path, call.uuid)
+    finally:
+        fake.stop()
+
+    assert record["outcome"] == "completed" and record["continuations"] == 2
+    assert [d["after"] for _t, name, d in record["timeline"] if name == "engine_continued"] == ["session_ending"] * 2
+    assert not [d for _t, name, d in record["timeline"] if name == "engine_error"]  # no session ever expired
+    pieces = [s for s in call.ear.segments() if s.rms() > 100 and abs(s.frequency() - REPLY_HZ) <= 20]
+    replies = [b for a, b in zip([None, *pieces], pieces, strict=False) if a is None or b.start - a.end > 0.3]
+    assert len(replies) == 3, call.ear.summary(call.t_answer)
+
+
 def test_a_new_session_the_engine_refuses_ends_in_the_fallback(tmp_path):
-    fake = start_bot(expire_after=2.0, tones=[REPLY_HZ] * 5)
+    fake = start_bot(expire_after=2.0, announce_expiry=False, tones=[REPLY_HZ] * 5)
     try:
         with FSim() as sw, running_daemon(daemon_config(tmp_path, sw, fake, greeting="")) as daemon:
             call = sw.place_call(did="7100", rate=16000, script=CallerScript(

@@ -87,6 +87,7 @@ class OpenAIFake(FakeServer):
     tell responses apart in what the caller heard. expire_after: seconds after which each session hits its
     length limit (error session_expired, then the socket closes), as the real one does after 60 minutes.
     created_delay: seconds before session.created (a slow server: a new session takes this long to open).
+    announce_expiry: whether session.created's expires_at tells when expire_after ends the session.
     """
 
     def __init__(self, api_key: str = "sk-test-fake-key-000000", model: str = "gpt-realtime") -> None:
@@ -106,6 +107,7 @@ class OpenAIFake(FakeServer):
         self.sessions: list[Session] = []
         self.expire_after: float | None = None
         self.created_delay = 0.0
+        self.announce_expiry = True
         self._ids = itertools.count(1)
 
     @property
@@ -134,6 +136,8 @@ class OpenAIFake(FakeServer):
         self.sessions.append(session)
         if self.expire_after is not None:
             gevent.spawn_later(self.expire_after, self._expire, session)
+            if self.announce_expiry:
+                session.config["expires_at"] = time.time() + self.expire_after
         gevent.sleep(self.created_delay)
         self.send(conn, {"type": "session.created", "session": session.config})
         self.receive_loop(conn, lambda m: self._on_message(session, m))

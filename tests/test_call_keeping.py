@@ -115,7 +115,8 @@ def test_a_recording_freeswitch_cannot_start_is_counted_and_the_call_goes_on(tmp
 
 
 def test_a_call_outliving_two_engine_sessions_carries_on_with_the_conversation_so_far(tmp_path):
-    """The 60-minute session limit, scaled down and unannounced (no expires_at to act on before it): the fake
+    """The 60-minute session limit, scaled down (the issue's 20 s sessions over 70 s become 3 s sessions over 9 s,
+    on wall-clock time, so the suite stays fast) and unannounced (no expires_at to act on before it): the fake
     expires every session after 3 s with session_expired, and the caller talks for
     about 8 s (a 0.6 s tone every 1.6 s), so the call needs two continuations, each while the caller is speaking.
     The caller keeps hearing replies, nothing falls back, what was said during a switch reaches the new session,

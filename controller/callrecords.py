@@ -125,12 +125,14 @@ class CallRecord:
 
     def finish(self, outcome: str, hangup_cause: str = "", ended: float | None = None) -> CallRecord:
         """`ended`: time.monotonic() when the call ended, if the record is finished later (default: now)."""
-        ago = time.monotonic() - ended if ended is not None else 0.0
-        self.end_time = time.time() - ago
+        now = time.monotonic()
+        ended = now if ended is None else ended
+        self.end_time = time.time() - (now - ended)
         self.outcome = outcome
         self.hangup_cause = hangup_cause or self.hangup_cause
         detail = {"outcome": outcome, **({"cause": hangup_cause} if hangup_cause else {})}
-        self.timeline.append((round(self.now() - ago, 3), "end", detail))
+        last = self.timeline[-1][0] if self.timeline else 0.0
+        self.timeline.append((max(last, round(ended - self._t0, 3)), "end", detail))
         return self
 
     @property

@@ -215,7 +215,9 @@ class ElevenLabsEngine(WebSocketEngine):
                 self._boundary = True
             if eid is None or eid > self._last_interrupt:
                 self._muted = False
-            self.emit(Transcript(role="assistant", text=str(body.get("agent_response") or "")))
+            # it comes with the reply's first audio chunk, whose event_id names the reply (see the module doc)
+            self.emit(Transcript(role="assistant", text=str(body.get("agent_response") or ""),
+                                 response_id="" if eid is None else str(eid)))
         elif kind == "user_transcript":
             self._boundary = self._turn is not None
             self._muted = False

@@ -108,6 +108,7 @@ class Transcript(EngineEvent):
     role: str  # user | assistant
     text: str
     final: bool = True
+    response_id: str = ""  # the reply an assistant line belongs to (so a barge-in can mark it), when known
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,15 @@ class Engine(ABC):
     longer than a network write. Events are delivered by calling `self.emit(event)`."""
 
     type_name: str = ""
+    # EngineError codes that mean "this session reached its length limit": the call goes on in a new session
+    session_limit_codes: frozenset[str] = frozenset()
 
     def __init__(self, config: Mapping[str, Any], call: CallInfo, sink: EventSink) -> None:
         self.config = config
         self.call = call
         self._sink = sink
         self.formats: EngineFormats | None = None
+        self.expires_at: float | None = None  # epoch seconds at which the engine says this session will end
 
     def emit(self, event: EngineEvent) -> None:
         self._sink(event)

@@ -164,7 +164,8 @@ class GenericEngine(WebSocketEngine):
             self.emit(SpeechStopped())
         elif kind == "transcript":
             self.emit(Transcript(role="assistant" if m.get("role") == "assistant" else "user",
-                                 text=str(m.get("text") or ""), final=bool(m.get("final", True))))
+                                 text=str(m.get("text") or ""), final=bool(m.get("final", True)),
+                                 response_id=str(m.get("response_id") or "")))
         elif kind == "tool.call":
             arguments = m.get("arguments")
             if isinstance(arguments, str):

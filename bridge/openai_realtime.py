@@ -68,6 +68,7 @@ class _Response:
 class OpenAIRealtimeEngine(WebSocketEngine):
     type_name = "openai_realtime"
     log_name = "openai"
+    session_limit_codes = frozenset({"session_expired"})  # 60 min (reference §11)
 
     def __init__(self, config: Mapping[str, Any], call: Any, sink: Any) -> None:
         super().__init__(config, call, sink)
@@ -148,6 +149,9 @@ class OpenAIRealtimeEngine(WebSocketEngine):
             raise EngineRefused(self._error_text(first))
         if first.get("type") != "session.created":
             raise EngineRefused(f"{self.type_name}: expected session.created, got {str(first.get('type'))[:60]}")
+        expires = (first.get("session") or {}).get("expires_at")
+        if isinstance(expires, int | float) and not isinstance(expires, bool):
+            self.expires_at = float(expires)
         self._setup_send(update)
         message = self._await_setup("session.updated", deadline, self._error_text)
         audio = (message.get("session") or {}).get("audio") or {}
@@ -255,7 +259,8 @@ class OpenAIRealtimeEngine(WebSocketEngine):
         elif kind == "conversation.item.input_audio_transcription.completed":
             self.emit(Transcript(role="user", text=str(m.get("transcript") or "")))
         elif kind == "response.output_audio_transcript.done":
-            self.emit(Transcript(role="assistant", text=str(m.get("transcript") or "")))
+            self.emit(Transcript(role="assistant", text=str(m.get("transcript") or ""),
+                                 response_id=str(m.get("response_id") or "")))
         elif kind == "response.function_call_arguments.done":
             self._on_function_call(m)
         elif kind == "error":

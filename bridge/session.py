@@ -11,8 +11,9 @@ import contextlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import gevent
@@ -49,6 +50,11 @@ log = logging.getLogger("forkbridge.bridge")
 ENGINE_CHUNK_MS = 40
 PLAYBACK_FAILURES_MAX = 2  # chunks in a row FreeSWITCH could not play before the call falls back
 HANGUP_AFTER_PLAYBACK_MAX = 10.0  # seconds a goodbye may still play before the model's hangup happens
+HOLD_MAX_S = 30.0  # caller audio kept while a new engine session opens (its connect_timeout is less)
+SUMMARY_MAX_CHARS = 4000  # the conversation so far, as carried into a new session's instructions
+RENEW_MARGIN_S = 120.0  # a session that announces its end is replaced this long before it (at most a quarter)
+RECENT_FRAMES = 500  # the caller's last frames (10 s at 20 ms), replayed to a new session from the utterance start
+PREROLL_S = 0.5  # ... and this much before the engine heard it start
 
 
 @dataclass
@@ -102,6 +108,14 @@ class MediaSession:
         self._speech_stopped_at: float | None = None
         self._greenlets: list[gevent.Greenlet] = []
         self._playback_failures = 0
+        self._generation = 0  # the engine session events are taken from; an older one's are dropped
+        self._held: list[bytes] | None = None  # caller audio while a new session opens (None: not switching)
+        self._held_text: list[str] = []
+        self._said: list[list[str]] = []  # [role, text, response] as the engines reported it, for a new session
+        self._open_responses: set[str] = set()
+        self._caller_speaking = False
+        self._speech_started_at = 0.0
+        self._recent: deque[tuple[float, bytes]] = deque(maxlen=RECENT_FRAMES)  # for an utterance cut by a switch
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -117,12 +131,32 @@ class MediaSession:
                                           self.info.sample_rate, native=native, on_first_heard=self._first_heard,
                                           on_underrun=self._underrun, on_chunk=self._chunk_queued)
 
+    def _open_engine(self, info: CallInfo) -> Engine:
+        """A connected engine session whose events count only while it is the current one."""
+        generation = self._generation
+
+        def sink(event: EngineEvent) -> None:
+            if generation == self._generation:
+                self._on_engine_event(event)
+
+        engine = engine_registry.create_engine(self.options.engine_type, self.options.engine_options, info, sink)
+        if generation == 0:
+            self.engine = engine  # a hangup during the first connect closes it
+        engine.connect()
+        return engine
+
+    def _use(self, engine: Engine) -> None:
+        formats = engine.formats
+        assert formats is not None, "engine.connect() must set formats"
+        self._in = Converter(self.call_format, formats.input)
+        self._out = Converter(formats.output, self.playback_format)
+        self.engine = engine
+        if engine.expires_at is not None:
+            self._greenlets.append(gevent.spawn(self._renew_before_the_end, engine))
+
     def _connect_engine(self) -> None:
         try:
-            engine = engine_registry.create_engine(self.options.engine_type, self.options.engine_options,
-                                                   self.info, self._on_engine_event)
-            self.engine = engine
-            engine.connect()
+            engine = self._open_engine(self.info)
         except EngineRefused as exc:
             self._fail("engine_refused", str(exc))
             return
@@ -133,11 +167,9 @@ class MediaSession:
         if self._closed:
             engine.close()
             return
-        formats = engine.formats
-        assert formats is not None, "engine.connect() must set formats"
-        self._in = Converter(self.call_format, formats.input)
-        self._out = Converter(formats.output, self.playback_format)
+        self._use(engine)
         self.engine_ready.set()
+        formats = engine.formats
         self.hooks.mark("engine_connected", {"input": formats.input.encoding, "rate": formats.input.rate})
         if self.options.greeting_file:
             self.control.play(self.options.greeting_file)
@@ -206,6 +238,11 @@ class MediaSession:
                 self.hooks.mark("first_caller_audio", {"bytes": len(message)})
             if self.stats is not None:
                 self.stats.audio_in(len(message))
+            self._recent.append((self._last_audio, message))
+            if self._held is not None:  # a new engine session is opening: it gets this once it is ready
+                if len(self._held) * len(message) < HOLD_MAX_S * self.info.sample_rate * 2:
+                    self._held.append(message)
+                continue
             if self._in is None or self.engine is None:
                 continue  # the engine is not ready yet: nothing to keep, it hears the caller from now on
             batch += message
@@ -261,7 +298,10 @@ class MediaSession:
     def send_text(self, text: str) -> None:
         """DTMF (or other caller-side text) to the model; waits briefly for the engine to be ready."""
         if self.engine_ready.wait(5.0) and self.engine is not None and not self._closed:
-            self.engine.send_text(text)
+            if self._held is not None:
+                self._held_text.append(text)
+            else:
+                self.engine.send_text(text)
 
     def deleted_chunk(self, path: str) -> bool:
         """A chunk we removed ourselves after a barge-in (FreeSWITCH then reports FILE NOT FOUND for it)."""
@@ -292,26 +332,34 @@ class MediaSession:
         if self._closed:
             return
         if isinstance(event, AudioOut):
+            self._open_responses.add(event.response_id)
             self._on_audio(event)
         elif isinstance(event, SpeechStarted):
+            self._caller_speaking, self._speech_started_at = True, time.monotonic()
             self.hooks.mark("speech_started", {})
             self.barge_in()
         elif isinstance(event, SpeechStopped):
+            self._caller_speaking = False
             self._speech_stopped_at = time.monotonic()
             self.hooks.mark("speech_stopped", {})
         elif isinstance(event, Interrupted):
             self.barge_in(tell_engine=False)
         elif isinstance(event, ResponseDone):
+            self._open_responses.discard(event.response_id)
             if event.response_id not in self._dropped:
                 self._finish_response(event.response_id)
         elif isinstance(event, Transcript):
-            if event.final:
-                self.hooks.mark("transcript", {"role": event.role, "text": event.text})
+            if event.final and event.text:
+                self.hooks.mark("transcript", {"role": event.role, "text": event.text, "response": event.response_id})
+                self._said.append([event.role, event.text, event.response_id])
+                del self._said[:-200]
         elif isinstance(event, ToolCall):
             gevent.spawn(self._on_tool, event)
         elif isinstance(event, EngineError):
             self.hooks.mark("engine_error", {"code": event.code, "fatal": event.fatal})
-            if event.fatal:
+            if event.fatal and self.engine is not None and event.code in self.engine.session_limit_codes:
+                self._switch_session(event.code)
+            elif event.fatal:
                 self._fail("engine_error", event.code)
         elif isinstance(event, Closed):
             if event.clean:  # the agent ended the conversation (e.g. ElevenLabs end_call): say goodbye, hang up
@@ -319,6 +367,64 @@ class MediaSession:
                     gevent.spawn(self._hangup_after_playback)
             else:
                 self._fail("engine_dropped", event.reason)
+
+    def _switch_session(self, why: str) -> None:
+        """From now on the caller's audio is held for a new session. An utterance under way started in the old
+        one: the new one gets it from its start, so the caller's words are not cut."""
+        self._generation += 1  # the old session's Closed and anything after it are not the call's end
+        since = self._speech_started_at - PREROLL_S
+        self._held = [frame for t, frame in self._recent if t >= since] if self._caller_speaking else []
+        self._caller_speaking = False
+        self._greenlets.append(gevent.spawn(self._continue_session, why))
+
+    def _renew_before_the_end(self, engine: Engine) -> None:
+        """A session that says when it will end (OpenAI's expires_at) is replaced shortly before, at a moment
+        when nobody speaks, so the caller hears no pause at all. If no such moment comes, the session's own end
+        is handled as any session limit."""
+        assert engine.expires_at is not None
+        left = engine.expires_at - time.time()
+        gevent.sleep(max(0.0, left - min(RENEW_MARGIN_S, left / 4)))
+        while engine.expires_at - time.time() > 0.5 and (self._caller_speaking or self._open_responses
+                                                         or (self.player is not None and self.player.playing)):
+            gevent.sleep(0.05)
+        if engine is self.engine and self._held is None and not self._closed and engine.expires_at > time.time():
+            self._switch_session("session_ending")
+
+    def _continue_session(self, code: str) -> None:
+        """The engine's session reached its limit: the call goes on in a new one, told its instructions and
+        the conversation so far; the caller's audio meanwhile is held and then sent to it, so the caller notices
+        a pause at most. If the new session cannot open, the fallback."""
+        started = time.monotonic()
+        old = self.engine
+        for response_id in list(self._open_responses):  # replies the old session never finished
+            self._open_responses.discard(response_id)
+            self._finish_response(response_id)
+        info = replace(self.info, greeting="", instructions=continued_instructions(self.info.instructions, self._said))
+        try:
+            engine = self._open_engine(info)
+        except Exception as exc:
+            self._held = None
+            self.hooks.mark("engine_continuation_failed", {"after": code})
+            self._fail("continuation_failed", str(exc) if isinstance(exc, EngineRefused) else type(exc).__name__)
+            return
+        if old is not None:
+            old.close()
+        if self._closed:
+            engine.close()
+            return
+        self._use(engine)
+        held_ms = 0.0
+        while self._held:  # audio that arrives while this sends is appended and sent too
+            audio = b"".join(self._held)
+            self._held.clear()
+            held_ms += len(audio) / (self.info.sample_rate * 2) * 1000.0
+            engine.send_audio(self._in.convert(audio))
+        self._held = None
+        for text in self._held_text:
+            engine.send_text(text)
+        self._held_text.clear()
+        self.hooks.mark("engine_continued", {"after": code, "pause_ms": round((time.monotonic() - started) * 1000),
+                                             "held_ms": round(held_ms)})
 
     def _on_audio(self, event: AudioOut) -> None:
         if event.response_id in self._dropped or self._out is None:
@@ -361,6 +467,9 @@ class MediaSession:
         if isinstance(player, StreamPlayer):  # killAudio went out on the socket inside stop()
             detail["stop_ms"] = round((time.monotonic() - started) * 1000.0, 2)
         self.hooks.mark("barge_in", detail)  # broadcast: the stop is timed when uuid_break is written
+        for said in self._said:
+            if said[2] == heard.response_id and said[0] == "assistant":
+                said[1] += " [cut off by the caller]"
         played = heard.played_ms if heard.played_ms > 0 else None
         if tell_engine and self.engine is not None:
             self.engine.interrupt(heard.response_id, played)
@@ -405,6 +514,23 @@ class MediaSession:
                 self._hangup_after_playback()
         elif decision.action == "send_dtmf":
             self.control.send_dtmf(decision.argument)
+
+
+def continued_instructions(instructions: str, said: list[list[str]], limit: int = SUMMARY_MAX_CHARS) -> str:
+    """A new session's instructions: the route's, then the conversation so far (its most recent part, at most
+    `limit` characters), so the model carries on instead of starting over."""
+    lines: list[str] = []
+    size = 0
+    for role, text, _response in reversed(said):
+        line = f"{'Agent' if role == 'assistant' else 'Caller'}: {text}"
+        if size + len(line) > limit:
+            lines.append("(earlier turns left out)")
+            break
+        lines.append(line)
+        size += len(line) + 1
+    history = "\n".join(reversed(lines)) or "(nothing yet)"
+    return (f"{instructions}\n\nThis phone call is already under way: it continues in a new session. Do not greet "
+            f"the caller again; carry on from where the conversation is. The conversation so far:\n{history}").strip()
 
 
 def close_ws(ws: Any, code: int, reason: bytes) -> None:

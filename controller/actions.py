@@ -144,6 +144,9 @@ class EslCallControl:
             self._put("setvar", f"uuid_setvar {self.uuid} {self.marker} released")
         self._put("transfer", f"uuid_transfer {self.uuid} {target}")
 
+    def stop_recording(self, path: str) -> None:
+        self._put("record", f"uuid_record {self.uuid} stop {path}")
+
     def send_dtmf(self, digits: str) -> None:
         self._put("send_dtmf", f"uuid_send_dtmf {self.uuid} {digits}")
 

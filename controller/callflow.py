@@ -25,12 +25,14 @@ from controller.config import Config, Route
 from controller.dtmf import DtmfAction, DtmfHandler
 from controller.esl import EslClient, EslError, Event
 from controller.logs import call_logger, register_secret, unregister_secret
+from controller.recording import EVENTS as RECORD_EVENTS
+from controller.recording import STOP_WAIT, Recording, recording_path
 
 log = logging.getLogger("forkbridge.controller")
 
 BUGNAME = "forkbridge"
 EVENTS = ("CHANNEL_ANSWER", "CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "DTMF", "PLAYBACK_START",
-          "PLAYBACK_STOP", "CHANNEL_EXECUTE_COMPLETE", "BACKGROUND_JOB")
+          "PLAYBACK_STOP", "CHANNEL_EXECUTE_COMPLETE", "BACKGROUND_JOB", *RECORD_EVENTS)
 PLAYBACK_FAILURES = ("FILE NOT FOUND", "PLAYBACK ERROR")
 # mod_audio_fork::error is a message our own server sent; mod_audio_stream::error is a failed connection
 CONNECT_FAILED = ("mod_audio_fork::connect_failed", "mod_audio_stream::error")
@@ -59,12 +61,16 @@ class Controller:
         self.stream_supported: bool | None = None  # can mod_audio_fork stream audio back? (None: not known yet)
         self.unrouted_counter: Any = None  # the metric of marked calls no route matched
         self.dialer: Any = None  # controller.outbound.Dialer: the outbound attempts whose answers we take
+        self._closing_recordings: dict[str, Call] = {}  # ended calls whose RECORD_STOP is still to come
 
     # ---- event dispatch -----------------------------------------------------------------------------
 
     def on_event(self, event: Event) -> None:
         if event.name == "CHANNEL_ANSWER":
             self._on_answer(event)
+            return
+        if event.name in RECORD_EVENTS:
+            self._on_record_event(event)
             return
         call = self.calls.get(event.uuid)
         if call is None:
@@ -188,6 +194,9 @@ class Controller:
                                       marker=self.config.esl.marker_variable)
         self._mark(call, "answered", did=did, route=route.name, **({"direction": "outbound"} if outbound else {}))
         call.log.info("answered: ours, route %s, engine %s", route.name, engine_cfg.name)
+        if route.record:
+            call.recording = Recording(recording_path(route.record, uuid, did, route.name, call.answered_wall))
+            gevent.spawn(self._start_recording, call)
         if self.draining:
             self.fallback(call, "shutting_down")
             return call
@@ -217,6 +226,43 @@ class Controller:
         gevent.spawn(self.refork if stale_fork else self._start_fork, call)
         call.timer = gevent.spawn_later(route.max_duration, self._max_duration_reached, call)
         return call
+
+    # ---- the recording (FreeSWITCH's, beside the fork) ---------------------------------------------------
+
+    def _start_recording(self, call: Call) -> None:
+        """Both sides in stereo, written by FreeSWITCH; a recording that fails is logged and counted, and the
+        call goes on without it."""
+        assert self.esl is not None
+        rec = call.recording
+        try:
+            self.esl.api(f"uuid_setvar {call.uuid} RECORD_STEREO true")
+            reply = self.esl.api(f"uuid_record {call.uuid} start {rec.path}")
+        except EslError as exc:
+            reply = f"-ERR {exc}"
+        if rec.started_ok(reply):
+            self._mark(call, "recording_started", path=rec.path)
+        else:
+            self._recording_failed(call)
+
+    def _recording_failed(self, call: Call) -> None:
+        call.log.error("recording %s failed (%s): its directory must exist or be creatable, and be writable by "
+                       "FreeSWITCH; the call goes on unrecorded", call.recording.path, call.recording.error)
+        self._mark(call, "recording_failed", error=call.recording.error)
+
+    def _on_record_event(self, event: Event) -> None:
+        call = self.calls.get(event.uuid) or self._closing_recordings.get(event.uuid)
+        if call is not None and call.recording is not None and call.recording.on_event(event) == "failed":
+            self._recording_failed(call)
+
+    def _report(self, call: Call) -> None:
+        """The call record, once FreeSWITCH has closed the recording (its RECORD_STOP follows the hangup)."""
+        rec = call.recording
+        if rec is not None:
+            if rec.started is not None:
+                rec.done.wait(STOP_WAIT)
+            self._closing_recordings.pop(call.uuid, None)
+            call.record.recording = rec.summary()
+        self.on_call_end(call)
 
     def _arm_orphan_timer(self, call: Call, extra: float = 0.0) -> None:
         timeout = self.config.daemon.orphan_timeout + extra
@@ -426,6 +472,8 @@ class Controller:
     def _release_after_transfer(self, call: Call) -> None:
         """Once the transfer is sent the channel is no longer ours: nothing more goes out for it."""
         control: EslCallControl = call.control
+        if call.recording is not None and call.recording.started is not None:
+            control.stop_recording(call.recording.path)  # what follows is no longer our call
         control.finish()
         control.drain(self.config.esl.command_timeout + 1)
         self._ended(call, "TRANSFERRED")
@@ -458,7 +506,11 @@ class Controller:
         for token in call.tokens:
             unregister_secret(token)
         call.log.info("ended (%s), outcome %s", cause, call.outcome)
-        self.on_call_end(call)
+        if call.recording is not None:
+            self._closing_recordings[call.uuid] = call  # its RECORD_STOP may be the very next event
+            gevent.spawn(self._report, call)
+        else:
+            self.on_call_end(call)
 
     # ---- after (re)connecting ---------------------------------------------------------------------------
 

@@ -36,6 +36,17 @@ def _mask_details(detail: dict[str, Any]) -> dict[str, Any]:
     return {k: (MASK if any(s in k.lower() for s in _SECRET_KEYS) else v) for k, v in detail.items()}
 
 
+def _mark_cut(entry: dict[str, Any], heard_ms: int, received_ms: int) -> None:
+    """What the caller actually heard of a reply they interrupted: the played share of its text, cut back to a
+    whole word (an estimate: engines give text and audio separately; the milliseconds are exact)."""
+    text = entry["text"]
+    share = min(1.0, max(0.0, heard_ms / received_ms)) if received_ms > 0 else 0.0
+    heard = text[: int(len(text) * share)]
+    if 0 < len(heard) < len(text) and not text[len(heard)].isspace():
+        heard = heard.rsplit(" ", 1)[0] if " " in heard else ""
+    entry["interrupted"] = {"heard_ms": heard_ms, "of_ms": received_ms, "heard_text": heard.strip()}
+
+
 @dataclass
 class CallRecord:
     """Everything worth keeping about one call; builder methods return self so calls can be chained."""
@@ -56,6 +67,9 @@ class CallRecord:
     dtmf: list[dict[str, Any]] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     latencies: dict[str, list[float]] = field(default_factory=dict)
+    recording: dict[str, Any] | None = None  # {path, started, duration, channels} when the route records
+    continuations: int = 0  # engine sessions that replaced one at its session limit
+    _cuts: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # response → (heard, received) ms
     _t0: float = field(default_factory=time.monotonic, repr=False)
 
     @property
@@ -75,9 +89,25 @@ class CallRecord:
         self.answer_time = time.time()
         return self.event("answered")
 
-    def transcript(self, role: str, text: str) -> CallRecord:
-        """What the engine said it heard (role "caller") or said (role "agent")."""
-        self.transcripts.append({"t": self.now(), "role": role, "text": text})
+    def transcript(self, role: str, text: str, response: str = "") -> CallRecord:
+        """What the engine said it heard (role "user") or said (role "assistant"); `response` ties an assistant
+        line to the reply it belongs to, so a barge-in can mark it (the cut may come before or after the text)."""
+        entry: dict[str, Any] = {"t": self.now(), "role": role, "text": text}
+        if response:
+            entry["response"] = response
+        self.transcripts.append(entry)
+        if response in self._cuts:
+            _mark_cut(entry, *self._cuts[response])
+        return self
+
+    def cut(self, response: str, heard_ms: int, received_ms: int) -> CallRecord:
+        """The caller barged in on `response` after hearing `heard_ms` of its `received_ms`."""
+        if not response:
+            return self
+        self._cuts[response] = (heard_ms, received_ms)
+        for entry in self.transcripts:
+            if entry.get("response") == response and entry["role"] == "assistant":
+                _mark_cut(entry, heard_ms, received_ms)
         return self
 
     def digit(self, digit: str, source: str = "") -> CallRecord:
@@ -94,11 +124,17 @@ class CallRecord:
         self.latencies.setdefault(kind, []).append(round(seconds, 4))
         return self
 
-    def finish(self, outcome: str, hangup_cause: str = "") -> CallRecord:
-        self.end_time = time.time()
+    def finish(self, outcome: str, hangup_cause: str = "", ended: float | None = None) -> CallRecord:
+        """`ended`: time.monotonic() when the call ended, if the record is finished later (default: now)."""
+        now = time.monotonic()
+        ended = now if ended is None else ended
+        self.end_time = time.time() - (now - ended)
         self.outcome = outcome
         self.hangup_cause = hangup_cause or self.hangup_cause
-        return self.event("end", outcome=outcome, **({"cause": hangup_cause} if hangup_cause else {}))
+        detail = {"outcome": outcome, **({"cause": hangup_cause} if hangup_cause else {})}
+        last = self.timeline[-1][0] if self.timeline else 0.0
+        self.timeline.append((max(last, round(ended - self._t0, 3)), "end", detail))
+        return self
 
     @property
     def duration(self) -> float | None:
@@ -116,7 +152,7 @@ class CallRecord:
             "hangup_cause": self.hangup_cause,
             "timeline": [[t, name, detail] for t, name, detail in self.timeline],
             "transcripts": self.transcripts, "dtmf": self.dtmf, "tool_calls": self.tool_calls,
-            "latencies": self.latencies,
+            "latencies": self.latencies, "recording": self.recording, "continuations": self.continuations,
         }
 
     def to_json(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,8 @@ DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 ENGINE_TYPES = ("echo", "openai_realtime", "elevenlabs", "generic")
 TOOL_NAMES = ("hangup", "transfer", "send_dtmf")
 DTMF_DIGITS = set("0123456789*#ABCD")
+RECORD_PATH = "/var/lib/forkbridge/recordings/{date}/{uuid}.wav"  # `record: true`; FreeSWITCH writes it
+RECORD_FIELDS = ("date", "uuid", "did", "route")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 # What may reach a dial string or an originate variable: nothing that ends a variable list ({ } ,), quotes an
@@ -164,6 +167,7 @@ class Route:
     no_audio_timeout: float = 10.0
     fallback: Fallback = Fallback()
     outbound: OutboundPolicy | None = None
+    record: str = ""  # path template of the call's stereo recording (FreeSWITCH's uuid_record); "" = off
 
     def matches(self, did: str) -> bool:
         if did in self.dids:
@@ -444,7 +448,8 @@ _ENGINE_REQUIRED: dict[str, tuple[str, ...]] = {
 }
 _SECRET_KEYS = ("api_key", "token", "password", "token_secret")
 _ROUTE_KEYS = ("name", "did", "pattern", "engine", "module", "sample_rate", "playback", "greeting", "greeting_file",
-               "instructions", "voice", "dtmf", "tools", "max_duration", "no_audio_timeout", "fallback", "outbound")
+               "instructions", "voice", "dtmf", "tools", "max_duration", "no_audio_timeout", "fallback", "outbound",
+               "record")
 _OUTBOUND_KEYS = ("dial", "allowed", "caller_id", "caller_id_name", "originate_timeout", "max_concurrent",
                   "variables")
 
@@ -565,6 +570,36 @@ def _read_outbound(route: _Section) -> OutboundPolicy | None:
                           max_concurrent=max(1, max_concurrent), variables=variables)
 
 
+def _read_record(route: _Section) -> str:
+    """`record: true` (the default path), `false`, or `{path: <template>}`; the template is checked here so a
+    typo never reaches FreeSWITCH mid-call."""
+    node = route.node("record")
+    if node is None or node.value is None or node.value is False:
+        return ""
+    if node.value is True:
+        return RECORD_PATH
+    if not isinstance(node.value, dict):
+        route.bad("record", f"expected true, false or a mapping with path:, got {_kind(node.value)}")
+        return ""
+    sec = route.section("record", ("path",))
+    path = sec.str("path", RECORD_PATH)
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(path) if name is not None}
+    except ValueError as exc:
+        sec.bad("path", f"bad template: {exc}")
+        return ""
+    unknown = sorted(fields - set(RECORD_FIELDS))
+    if unknown:
+        sec.bad("path", f"unknown field {{{unknown[0]}}}; expected {', '.join('{' + f + '}' for f in RECORD_FIELDS)}")
+    elif not path.startswith("/") or " " in path:
+        sec.bad("path", f"expected an absolute path without spaces (FreeSWITCH writes it), got {path!r}")
+    elif "uuid" not in fields:
+        sec.bad("path", "must contain {uuid}: each call needs its own file")
+    else:
+        return path
+    return ""
+
+
 def _read_route(reader: _Reader, node: _Node, index: int, defaults: _Node | None,
                 engines: Mapping[str, EngineConfig]) -> Route | None:
     path = f"routes[{index}]"
@@ -601,6 +636,7 @@ def _read_route(reader: _Reader, node: _Node, index: int, defaults: _Node | None
         dtmf=_read_dtmf(sec), tools=_read_tools(sec), max_duration=sec.duration("max_duration", 3600.0),
         no_audio_timeout=sec.duration("no_audio_timeout", 10.0), fallback=_read_fallback(sec),
         outbound=_read_outbound(sec),
+        record=_read_record(sec),
     )
     if route.outbound is not None and not SAFE_VALUE.fullmatch(route.name):
         sec.bad("name", "a route with outbound: needs a name without spaces, commas, quotes or braces (it travels "

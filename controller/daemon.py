@@ -91,7 +91,7 @@ class Daemon:
             m.dtmf(route)
             record.digit(detail.get("digit", ""))
         elif name == "transcript":
-            record.transcript(detail.get("role", ""), detail.get("text", ""))
+            record.transcript(detail.get("role", ""), detail.get("text", ""), detail.get("response", ""))
         elif name == "tool_call":
             record.tool_call(detail.get("name", ""), detail.get("arguments"),
                              result="refused" if detail.get("refused") else "ok")
@@ -99,8 +99,14 @@ class Daemon:
             m.fork_connect_failed(route)
         elif name == "engine_error":
             m.engine_error(call.engine.name, detail.get("code"))
+        elif name in ("recording_started", "recording_failed"):
+            m.recording(route, name.partition("_")[2])
+        elif name in ("engine_continued", "engine_continuation_failed"):
+            m.continuation(route, "ok" if name == "engine_continued" else "failed")
+            record.continuations += name == "engine_continued"
         elif name == "barge_in":
             m.bargein(route)
+            record.cut(detail.get("response", ""), detail.get("played_ms", 0), detail.get("received_ms", 0))
             if "stop_ms" in detail:
                 self._barge_stopped(call, detail["stop_ms"] / 1000.0)
             else:
@@ -135,7 +141,7 @@ class Daemon:
         outcome = call.outcome if call.outcome in OUTCOMES else "completed"
         duration = (call.ended_at or time.monotonic()) - call.answered_at
         self.metrics.call_finished(call.route.name, call.engine.name, outcome, duration)
-        call.record.finish(call.outcome or "completed", call.end_reason)
+        call.record.finish(call.outcome or "completed", call.end_reason, call.ended_at)
         if call.direction == "outbound":
             self.dialer.call_ended(call.uuid, call.outcome or "completed", call.end_reason)
         if self.records is not None:

@@ -145,6 +145,14 @@ class Metrics:
             "forkbridge_playback_underruns", "Playback ran dry mid-response (the caller heard a gap).",
             ["route"], registry=r)
 
+        # ---- recordings and long calls
+        self.recordings = Counter(
+            "forkbridge_recordings", "Call recordings asked of FreeSWITCH (uuid_record), by result (started, "
+            "failed: bad path or permissions; the call goes on unrecorded).", ["route", "result"], registry=r)
+        self.continuations = Counter(
+            "forkbridge_engine_continuations", "Engine sessions replaced by a new one at their session limit, "
+            "by result (ok; failed: the call took its fallback).", ["route", "result"], registry=r)
+
         # ---- daemon
         self.config_reloads = Counter(
             "forkbridge_config_reloads", "Route reloads on SIGHUP, by result (ok, error).", ["result"], registry=r)
@@ -171,6 +179,10 @@ class Metrics:
             for m in (self.bargeins, self.dtmf_digits, self.fork_connect_failures, self.playback_chunks,
                       self.playback_underruns):
                 m.labels(route=route)
+            for result in ("started", "failed"):
+                self.recordings.labels(route=route, result=result)
+            for result in ("ok", "failed"):
+                self.continuations.labels(route=route, result=result)
             for h in (self.call_duration, self.first_audio_latency, self.playout_latency,
                       self.bargein_stop_latency):
                 h.labels(route=route)
@@ -247,6 +259,12 @@ class Metrics:
 
     def playback_underrun(self, route: str | None) -> None:
         self.playback_underruns.labels(route=self.route(route)).inc()
+
+    def recording(self, route: str | None, result: str) -> None:
+        self.recordings.labels(route=self.route(route), result=result).inc()
+
+    def continuation(self, route: str | None, result: str) -> None:
+        self.continuations.labels(route=self.route(route), result=result).inc()
 
     def config_reloaded(self, ok: bool) -> None:
         self.config_reloads.labels(result="ok" if ok else "error").inc()

@@ -221,6 +221,7 @@ class Channel:
         self.ear = Ear()
         self.bugs: dict[str, Any] = {}  # bugname -> ForkBug / StreamBug
         self.all_bugs: list[Any] = []  # every bug ever attached, for tests
+        self.recordings: dict[str, Any] = {}  # path -> fsim.record.RecordBug (uuid_record)
         self.queue: collections.deque[QueuedApp] = collections.deque()
         self.leading: QueuedApp | None = None
         self.lead_left = 0
@@ -429,6 +430,8 @@ class Channel:
                 bug.on_frame(read, write)
             except Exception:
                 log.exception("media bug %s failed", bug.bugname)
+        for recording in self.recordings.values():
+            recording.on_frame(read, write)
 
     t_transfer_mono: float | None = None
 
@@ -695,6 +698,8 @@ class Channel:
         for bug in list(self.bugs.values()):
             bug.remove(reason="hangup")
         self.bugs.clear()
+        for path in list(self.recordings):
+            self.recordings.pop(path).stop()
         for path in self.temp_files:
             with contextlib.suppress(OSError):
                 os.unlink(path)

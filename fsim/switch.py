@@ -26,6 +26,7 @@ from .control import CONTROL_API
 from .eslserver import ESLServer
 from .events import WITH_VARIABLES, Event, channel_headers, common_headers
 from .faults import Faults
+from .record import api_uuid_record
 
 log = logging.getLogger("fsim")
 
@@ -588,6 +589,7 @@ API: dict[str, Callable[[FSim, str], str]] = {
     "uuid_buglist": _uuid_buglist,
     "uuid_audio_fork": api_uuid_audio_fork,
     "uuid_audio_stream": api_uuid_audio_stream,
+    "uuid_record": api_uuid_record,
     "show": _show,
     "status": _status,
     "module_exists": _module_exists,

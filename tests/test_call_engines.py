@@ -100,7 +100,7 @@ class OpenAIBot:
                 for c in m["item"]["content"] if c.get("type") == "input_text"]
 
     def fail(self) -> None:
-        self.fake.expire_session()  # the 60-minute cap: error session_expired, then the socket closes
+        self.fake.fatal_error("insufficient_quota")  # then the socket closes (session_expired is continued)
 
     def drop(self) -> None:
         self.fake.drop()

@@ -207,3 +207,28 @@ def test_the_call_command_reads_only_the_api_section(tmp_path):
     path = write(tmp_path, OUTBOUND.replace("ClueCon2}", "}").replace("${ESL_PW:-}", "${ESL_PW}"))
     api = load_api_settings(path, env={})  # the engines' secrets are not needed to place a call
     assert api.token == "an-api-token-0123456789"
+
+
+def test_record_is_off_by_default_true_takes_the_default_path_and_a_mapping_its_own(tmp_path):
+    text = GOOD.replace("    engine: bot\n  - pattern",
+                        "    engine: bot\n    record: true\n  - pattern").replace(
+        "    playback: stream\n", "    playback: stream\n    record:\n      path: /srv/rec/{route}/{date}/{uuid}.wav\n")
+    routes = load_config(write(tmp_path, text), env={}).routes
+    assert routes[0].record == "/var/lib/forkbridge/recordings/{date}/{uuid}.wav"
+    assert routes[1].record == "/srv/rec/{route}/{date}/{uuid}.wav"
+    assert load_config(write(tmp_path, GOOD), env={}).routes[0].record == ""
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ("always", "routes[0].record: expected true, false or a mapping with path:, got the string 'always'"),
+    ("{path: '/rec/{callid}.wav'}", "routes[0].record.path: unknown field {callid}; expected {date}, {uuid}, {did}, "
+                                  "{route}"),
+    ("{path: 'rec/{uuid}.wav'}", "routes[0].record.path: expected an absolute path without spaces"),
+    ("{path: '/rec/{date}.wav'}", "routes[0].record.path: must contain {uuid}: each call needs its own file"),
+    ("{path: '/rec/{uuid.wav'}", "routes[0].record.path: bad template"),
+    ("{pth: '/rec/{uuid}.wav'}", "routes[0].record.pth: unknown key (did you mean 'path'?)"),
+])
+def test_a_bad_record_setting_names_its_line_and_key(tmp_path, record, message):
+    text = GOOD.replace("    engine: bot\n  - pattern", f"    engine: bot\n    record: {record}\n  - pattern")
+    (found,) = problems(tmp_path, text)
+    assert f"forkbridge.yaml:13: {message}" in found

@@ -79,3 +79,16 @@ def test_unwritable_path_reports_false(tmp_path: Path) -> None:
     blocker.write_text("")
     writer = CallRecordWriter(str(blocker / "calls.jsonl"))  # parent is a file: cannot create
     assert writer.write(CallRecord(uuid=UUID).finish("completed")) is False
+
+
+def test_a_reply_cut_by_barge_in_is_marked_with_what_was_heard_whichever_comes_first():
+    rec = CallRecord(uuid="u1")
+    rec.transcript("assistant", "We open at nine and close at five on weekdays.", response="r1")
+    rec.cut("r1", heard_ms=1000, received_ms=4000)  # the text came first (a faster-than-real-time engine)
+    rec.cut("r2", heard_ms=700, received_ms=1000)
+    rec.transcript("assistant", "Saturdays too.", response="r2")  # the cut came first
+    rec.transcript("user", "And Sunday?", response="")
+    first, second, third = rec.to_dict()["transcripts"]
+    assert first["interrupted"] == {"heard_ms": 1000, "of_ms": 4000, "heard_text": "We open at"}
+    assert second["interrupted"] == {"heard_ms": 700, "of_ms": 1000, "heard_text": "Saturdays"}  # whole words
+    assert "interrupted" not in third and "response" not in third

@@ -151,6 +151,8 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
                     calls("completed", 2), calls("fallback_transfer", 2), calls("fallback_hangup", 0),
                     calls("error", 0),
                     {"series": f'forkbridge_ws_refusals_total{{{inst},reason="bad_token"}}', "values": "0+1x20"},
+                    {"series": f'forkbridge_recordings_total{{{inst},route="front-desk",result="failed"}}',
+                     "values": "0 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"},
                 ],
                 "alert_rule_test": [
                     {"eval_time": "5m", "alertname": "ForkbridgeEslDown",
@@ -164,6 +166,10 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
                      "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "fb:9464",
                                                     "reason": "bad_token"}}]},
                     {"eval_time": "15m", "alertname": "ForkbridgeEngineErrors", "exp_alerts": []},
+                    {"eval_time": "5m", "alertname": "ForkbridgeRecordingFailures",
+                     "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "fb:9464",
+                                                    "route": "front-desk"}}]},
+                    {"eval_time": "2m", "alertname": "ForkbridgeRecordingFailures", "exp_alerts": []},
                 ],
             },
             {

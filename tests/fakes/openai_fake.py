@@ -84,7 +84,10 @@ class OpenAIFake(FakeServer):
     delta_interval seconds between deltas, on a clock (small → faster than real time). late_deltas: deltas still sent
     after a cancel (in flight). echo_output_format: lie about the output format in session.updated.
     tones: the tone frequency of each audio response in turn (330 Hz once the list runs out), so a test can
-    tell responses apart in what the caller heard.
+    tell responses apart in what the caller heard. expire_after: seconds after which each session hits its
+    length limit (error session_expired, then the socket closes), as the real one does after 60 minutes.
+    created_delay: seconds before session.created (a slow server: a new session takes this long to open).
+    announce_expiry: whether session.created's expires_at tells when expire_after ends the session.
     """
 
     def __init__(self, api_key: str = "sk-test-fake-key-000000", model: str = "gpt-realtime") -> None:
@@ -102,6 +105,9 @@ class OpenAIFake(FakeServer):
         self.reply_transcript = "Hi, how can I help?"
         self.tool_script: list[tuple[str, dict[str, Any]]] = []  # next responses become these tool calls
         self.sessions: list[Session] = []
+        self.expire_after: float | None = None
+        self.created_delay = 0.0
+        self.announce_expiry = True
         self._ids = itertools.count(1)
 
     @property
@@ -128,6 +134,11 @@ class OpenAIFake(FakeServer):
             return
         session = Session(conn=conn, config=default_session(conn.query.get("model", self.model)))
         self.sessions.append(session)
+        if self.expire_after is not None:
+            gevent.spawn_later(self.expire_after, self._expire, session)
+            if self.announce_expiry:
+                session.config["expires_at"] = time.time() + self.expire_after
+        gevent.sleep(self.created_delay)
         self.send(conn, {"type": "session.created", "session": session.config})
         self.receive_loop(conn, lambda m: self._on_message(session, m))
 
@@ -148,8 +159,15 @@ class OpenAIFake(FakeServer):
 
     def expire_session(self) -> None:
         """The 60-minute cap: error session_expired, then the socket closes."""
-        conn = self.session.conn
-        self.error(conn, "session_expired", "Your session hit the maximum duration of 60 minutes.")
+        self._expire(self.session)
+
+    def _expire(self, session: Session) -> None:
+        self.fatal_error("session_expired", "Your session hit the maximum duration of 60 minutes.", session)
+
+    def fatal_error(self, code: str, message: str = "", session: Session | None = None) -> None:
+        """An error the session does not survive (e.g. insufficient_quota), then the socket closes."""
+        conn = (session or self.session).conn
+        self.error(conn, code, message or code)
         conn.close(1000, "")
 
     def drop(self) -> None:

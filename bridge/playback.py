@@ -372,6 +372,7 @@ class StreamPlayer(Player):
     """
 
     LEAD_MS = 60
+    START_AFTER_S = 0.04  # a reply's first message waits this long after its first audio (see _drain_buffer)
 
     def __init__(self, send_binary: Callable[[bytes], None], send_text: Callable[[str], None], rate: int,
                  codec_rate: int = 0, **callbacks) -> None:
@@ -394,14 +395,20 @@ class StreamPlayer(Player):
         self._heard_from: dict[str, float] = {}  # when the caller starts hearing each response
         self._clock_start = 0.0  # the pacing clock: when it started and how much it has sent since
         self._clock_sent_ms = 0.0
+        self._first_audio: dict[str, float] = {}  # when each reply's first audio came from the engine
+        self._start_timer: gevent.Greenlet | None = None
 
     def feed(self, pcm: bytes, response_id: str) -> None:
         if response_id != self._buffer_response:
             self._drain_buffer(final=True)
             self._buffer_response = response_id
         self.received_ms[response_id] = self.received_ms.get(response_id, 0.0) + self._ms(len(pcm))
+        self._first_audio.setdefault(response_id, time.monotonic())
         self._buffer += pcm
         self._drain_buffer(final=False)
+        self._kick()
+
+    def _kick(self) -> None:
         if self._queue and (self._pacer is None or self._pacer.dead):
             self._pacer = gevent.spawn(self._pace)
 
@@ -412,9 +419,28 @@ class StreamPlayer(Player):
                 self._pacer = gevent.spawn(self._pace)
 
     def _drain_buffer(self, final: bool) -> None:
-        """Whole batches go to the queue; at a reply's end the rest too, padded with silence to a batch."""
+        """What is buffered goes to the queue in messages of at least the module's threshold; at a reply's end the
+        rest too, padded with silence to the threshold.
+
+        The module plays what it has and then nothing until the next message: an engine at exactly real time
+        would leave a hole whenever a message lands after the last one has played. So a reply's first message
+        waits START_AFTER_S after its first audio (unless the engine is already a whole message ahead), and
+        while nothing is queued the whole buffer goes as one message rather than threshold-sized pieces with the
+        rest held back: FreeSWITCH stays START_AFTER_S ahead of an engine at real time."""
+        response = self._buffer_response
+        if not final and response not in self._sent_ms and len(self._buffer) < 2 * self._batch_bytes:
+            wait = self.START_AFTER_S - (time.monotonic() - self._first_audio.get(response, time.monotonic()))
+            if wait > 0 or len(self._buffer) < self._batch_bytes:
+                if wait > 0 and (self._start_timer is None or self._start_timer.dead):
+                    self._start_timer = gevent.spawn_later(wait, self._timed_drain, response)
+                return
+        if not self._queue and len(self._buffer) >= self._batch_bytes:
+            whole = len(self._buffer) - len(self._buffer) % 2
+            self._queue.append((response, bytes(self._buffer[:whole])))
+            del self._buffer[:whole]
+            self._batch_bytes = self._later_batch_bytes
         while len(self._buffer) >= self._batch_bytes:
-            self._queue.append((self._buffer_response, bytes(self._buffer[:self._batch_bytes])))
+            self._queue.append((response, bytes(self._buffer[:self._batch_bytes])))
             del self._buffer[:self._batch_bytes]
             self._batch_bytes = self._later_batch_bytes
         if final and (len(self._buffer) >= 2 or (self._resampled and self._buffer_response in self._sent_ms)):
@@ -423,6 +449,12 @@ class StreamPlayer(Player):
             self._batch_bytes = self._later_batch_bytes
         if final:
             self._buffer.clear()
+
+    def _timed_drain(self, response_id: str) -> None:
+        self._start_timer = None
+        if response_id == self._buffer_response:
+            self._drain_buffer(final=False)
+            self._kick()
 
     def _ahead_ms(self) -> float:
         return self._clock_sent_ms - (time.monotonic() - self._clock_start) * 1000.0
@@ -465,6 +497,9 @@ class StreamPlayer(Player):
         queued = [rid for rid, _frame in self._queue]
         self._queue.clear()
         self._buffer.clear()
+        if self._start_timer is not None:
+            self._start_timer.kill(block=False)
+            self._start_timer = None
         if self._pacer is not None:
             self._pacer.kill(block=False)
             self._pacer = None
@@ -486,6 +521,8 @@ class StreamPlayer(Player):
         self._queue.clear()
         if self._pacer is not None:
             self._pacer.kill(block=False)
+        if self._start_timer is not None:
+            self._start_timer.kill(block=False)
 
 
 def _remove(path: str) -> None:

@@ -92,6 +92,12 @@ class MediaSession:
         self.stats = stats
         self.call_format = AudioFormat(PCM16, info.sample_rate)
         self.playback_format = self.call_format  # what the engine's speech is converted to for the player
+        # replies streamed back on the fork (jambonz) go at the channel's rate when it is below the fork's: the
+        # module would only resample them down again (and each resampler holds audio back)
+        channel = options.channel_rate
+        self.stream_rate = channel if channel in (8000, 16000) and channel < info.sample_rate else info.sample_rate
+        if options.playback == "stream":
+            self.playback_format = AudioFormat(PCM16, self.stream_rate)
         specs = build_tool_specs(list(options.tools_allow), list(options.transfer_targets))
         self.info = CallInfo(**{**info.__dict__, "tools": specs})
         self.engine: Engine | None = None
@@ -207,7 +213,7 @@ class MediaSession:
         self._last_audio = time.monotonic()
         self.hooks.mark("fork_connected", {})
         if self.options.playback == "stream":
-            self.player = StreamPlayer(self._send_binary, self._send_text, self.info.sample_rate,
+            self.player = StreamPlayer(self._send_binary, self._send_text, self.stream_rate,
                                        codec_rate=self.options.channel_rate, on_first_heard=self._first_heard,
                                        on_underrun=self._underrun)
             self.control.keep_writing()

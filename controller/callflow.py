@@ -293,8 +293,9 @@ class Controller:
         if route.module == "audio_stream":
             return f"uuid_audio_stream {call.uuid} start {url} mono {rate} {meta}"
         command = f"uuid_audio_fork {call.uuid} start {url} mono {rate} {BUGNAME} {meta}"
-        if route.playback == "stream":  # jambonz build: bidirectional, streamed at the call's rate
-            command += f" true true {route.sample_rate}"
+        if route.playback == "stream":  # jambonz build: bidirectional, streamed back at the rate the session says
+            rate = call.media.stream_rate if call.media is not None else route.sample_rate
+            command += f" true true {rate}"
         return command
 
     def _stop_fork_command(self, call: Call) -> str:

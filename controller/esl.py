@@ -132,6 +132,7 @@ class EslConnection(InboundESL):
         pending, self._commands_sent = self._commands_sent, []
         for result in pending:
             result.set_exception(NotConnectedError(reason))
+        self._auth_request_event.set()  # a connect() still waiting for FreeSWITCH's greeting fails now, not later
         self.lost.set()
         with contextlib.suppress(OSError):
             self.sock.close()

@@ -25,7 +25,7 @@ def test_the_installed_version_is_the_one_the_patches_were_written_for(package, 
 def test_greenswitch_internals_the_esl_layer_overrides_are_there():
     esl = greenswitch.esl.InboundESL("127.0.0.1", 1, "x")
     for attribute in ("_commands_sent", "_esl_event_queue", "_run", "_receive_events_greenlet",
-                      "_process_events_greenlet", "event_handlers"):
+                      "_process_events_greenlet", "event_handlers", "_auth_request_event"):
         assert hasattr(esl, attribute), f"greenswitch.InboundESL has no {attribute} any more"
     for method in ("handle_event", "receive_events", "process_events", "send", "connect", "register_handle"):
         assert callable(getattr(esl, method, None)), f"greenswitch.InboundESL.{method} is gone"
@@ -33,6 +33,8 @@ def test_greenswitch_internals_the_esl_layer_overrides_are_there():
     source = inspect.getsource(greenswitch.esl.ESLProtocol.handle_event)
     assert "api/response" in source and "_commands_sent" in source and "Content-Length" in source
     assert "sock_file" in inspect.getsource(greenswitch.esl.InboundESL.connect)
+    # connect() waits on _auth_request_event, then checks `connected`: a connection lost meanwhile sets both
+    assert "_auth_request_event.wait()" in inspect.getsource(greenswitch.esl.InboundESL.connect)
 
 
 def test_gevent_websocket_internals_the_bridge_replaces_are_there():

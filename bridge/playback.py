@@ -35,6 +35,7 @@ FLUSH_AFTER_S = 0.08  # pending audio shorter than a chunk is queued anyway afte
 # pieces come later than that makes FreeSWITCH reach the end of the file (a one-frame hole, docs/playback.md):
 # from then on that call's replies start NATIVE_LEAD_STEP_S later each time, up to NATIVE_START_WAIT_S.
 NATIVE_START_MS = 40
+FRAME_S = 0.02  # what FreeSWITCH leaves between two queued files (one frame at 20 ms ptime)
 NATIVE_MARGIN_MS = 20
 NATIVE_START_AFTER_S = 0.04
 NATIVE_START_WAIT_S = 0.15  # a reply slower than real time starts anyway after this long
@@ -303,6 +304,25 @@ class BroadcastPlayer(Player):
             self._flush()
         elif self._flush_timer is None:
             self._flush_timer = gevent.spawn_later(self._start_after, self._timed_flush)
+
+    def reconcile(self) -> None:
+        """After an ESL outage, whose PLAYBACK events are lost. FreeSWITCH cannot say which queued file it is
+        playing (current_application_data keeps naming the last file started, ended or not), but it plays our
+        files in the order queued, back to back, each at real time: a complete file whose end (from its start, or
+        from the end of the one before it) has passed is over. A file still growing may still be being read."""
+        now = time.monotonic()
+        next_start = 0.0
+        for path in list(self._order):
+            chunk = self._chunks[path]
+            start = chunk.started_at or next_start
+            if chunk.fd >= 0 or not start or start + chunk.duration_ms / 1000.0 > now:
+                return
+            if not chunk.started_at:  # played whole while we were away
+                chunk.started_at = start
+                self._heard_ms.setdefault(chunk.response_id, 0.0)
+                self.current = chunk.response_id
+            next_start = start + chunk.duration_ms / 1000.0 + FRAME_S
+            self.playback_stopped(path, "done")
 
     def _elapsed_ms(self, chunk: _Chunk) -> float:
         return min(chunk.duration_ms, (time.monotonic() - chunk.started_at) * 1000.0)

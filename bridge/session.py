@@ -309,6 +309,11 @@ class MediaSession:
             else:
                 self.engine.send_text(text)
 
+    def reconcile_playback(self) -> None:
+        """After an ESL outage, whose PLAYBACK events are lost: files that must have ended by now are over."""
+        if isinstance(self.player, BroadcastPlayer):
+            self.player.reconcile()
+
     def deleted_chunk(self, path: str) -> bool:
         """A chunk we removed ourselves after a barge-in (FreeSWITCH then reports FILE NOT FOUND for it)."""
         return isinstance(self.player, BroadcastPlayer) and self.player.cancelled(path)

@@ -540,6 +540,8 @@ class Controller:
             return
         live = {row.get("uuid", ""): row for row in rows if isinstance(row, dict)}
         for call in self.calls:
+            if call.live and call.media is not None:
+                call.media.reconcile_playback()  # the PLAYBACK events of the outage are lost
             if call.uuid not in live:
                 # FreeSWITCH fills this table asynchronously: ask about the channel itself before letting go
                 with contextlib.suppress(EslError):

@@ -96,3 +96,34 @@ def test_a_real_time_reply_starts_after_a_short_lead_which_grows_when_freeswitch
         gevent.sleep(0.005)
     assert len(control.played) == 2 and (tmp_path / control.played[1].rsplit("/", 1)[-1]).stat().st_size == 800
     player.close()
+
+
+def test_after_an_esl_outage_files_that_must_have_ended_stop_counting_as_playing(tmp_path):
+    """Their PLAYBACK_STOP was lost with the connection: a complete file whose time has passed is over, and the
+    next one queued behind it too (FreeSWITCH plays them back to back); the heard time is credited in full."""
+    control = Control()
+    player = BroadcastPlayer(control, str(tmp_path), "uuid-1", 8000)
+    player.feed(ms(160), "A")
+    player.feed(ms(320), "A")
+    player.response_done("A")
+    first, second = control.played
+    player.playback_started(first)
+    player._chunks[first].started_at -= 5.0  # as if the outage lasted 5 s
+    assert player.playing
+    player.reconcile()
+    assert not player.playing and player.stop() is None
+    assert player._heard_ms["A"] == 480
+    assert not (tmp_path / second.rsplit("/", 1)[-1]).exists()
+
+
+def test_after_an_esl_outage_a_file_still_playing_is_left_alone(tmp_path):
+    control = Control()
+    player = BroadcastPlayer(control, str(tmp_path), "uuid-1", 8000)
+    player.feed(ms(400), "A")
+    player.response_done("A")
+    (only,) = control.played
+    player.playback_started(only)
+    player.reconcile()
+    assert player.playing
+    heard = player.stop()
+    assert heard is not None and heard.response_id == "A" and heard.played_ms < 400

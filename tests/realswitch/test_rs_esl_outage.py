@@ -484,11 +484,7 @@ def test_freeswitch_restarted_mid_call_ends_the_lost_call_and_takes_the_next(tmp
 # ----------------------------------------------------------------------------------------- defects
 
 
-@pytest.mark.xfail(strict=True, raises=DefectSeen, reason=(
-    "DEFECT: the PLAYBACK_STOP of a reply that ends during an ESL outage is lost, and the BroadcastPlayer counts that "
-    "reply as playing for the rest of the call: every time the caller speaks it is 'interrupted' again, and a real "
-    "barge-in is reported to the engine for that old reply (0 ms heard) instead of the one the caller was hearing"))
-def test_defect_a_reply_playing_when_esl_drops_stays_playing_for_the_rest_of_the_call(tmp_path, drachtio, probe):
+def test_a_reply_that_ends_while_esl_is_down_stops_counting_as_playing(tmp_path, drachtio, probe):
     """The connection drops while the caller hears an echo; it is back well before the caller speaks again. Then the
     caller talks over the next echo: the barge-in must name that echo, and nothing may count as playing once
     FreeSWITCH has stopped playing."""

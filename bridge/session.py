@@ -287,6 +287,12 @@ class MediaSession:
         with self._ws_lock:
             self.ws.send(text)
 
+    def watch_audio_again(self) -> None:
+        """A no_audio the controller put off (FreeSWITCH was away): watch afresh from now."""
+        if not self._closed:
+            self._last_audio = time.monotonic()
+            self._greenlets.append(gevent.spawn(self._watch_audio))
+
     def _watch_audio(self) -> None:
         """No caller audio for no_audio_timeout (the fork never came, or went silent) → fallback."""
         timeout = self.options.no_audio_timeout

@@ -439,6 +439,16 @@ class Controller:
 
     def fallback(self, call: Call, reason: str) -> None:
         """Engine/fork/timeout/shutdown trouble: the route's prompt, then transfer or hangup. Never silence."""
+        if reason == "no_audio" and self.esl is not None and not self.esl.connected and call.live:
+            # FreeSWITCH is away (crashed, restarting, or the link broke) and the caller's audio went with it: a
+            # fallback could not be carried out now, and the call may not even exist any more. The resync after the
+            # reconnect ends it if its channel is gone, or forks it again; meanwhile the watch goes on.
+            call.log.warning("no caller audio while ESL is down: leaving it to the resync")
+            self._mark(call, "no_audio_while_esl_down")
+            call.fork_pending = True
+            if call.media is not None:
+                call.media.watch_audio_again()
+            return
         fallback = call.route.fallback
         outcome = "fallback_transfer" if fallback.transfer else "fallback_hangup"
         if not self._let_go(call, outcome, reason):

@@ -249,3 +249,27 @@ def test_a_slow_command_fails_alone_and_the_connection_carries_on(tmp_path):
         assert daemon.esl.connected and daemon.esl.reconnects == 0
         wait_until(lambda: call.ear.heard_seconds("broadcast:") > 0.5, what="the echo, on the same connection")
         assert call.wait_hangup(12) and call.transferred_to is None
+
+
+def test_a_call_lost_with_a_crashed_freeswitch_is_recorded_lost_not_fallen_back(tmp_path):
+    """FreeSWITCH dies and stays away longer than no_audio_timeout: the caller's audio stops with it, but no
+    fallback can be carried out (and the call may be gone): the resync after the reconnect finds the channel gone
+    and ends the call as the caller's loss. No fallback outcome, nothing sent for it."""
+    routes = ROUTES.format(dtmf="forward", prompt=prompt_file(tmp_path)).replace("no_audio_timeout: 4s",
+                                                                                 "no_audio_timeout: 1s")
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw, routes=routes)) as daemon:
+        call = sw.place_call(did="7100", script=TALKING)
+        wait_until(lambda: answered_and_forked(call), what="the fork")
+        ours = daemon.controller.calls.get(call.uuid)
+        sw.esl.stop_listening()
+        sw.faults.drop_esl("eof")
+        call.vanish()  # the process died: the channel and its fork are gone without an event
+        wait_until(lambda: any(n == "no_audio_while_esl_down" for _t, n, _d in ours.timeline), 5,
+                   "the no-audio watch to fire while FreeSWITCH is away")
+        sent_before = len(sw.commands_for(call.uuid))
+        sw.restart_esl(keep_channels=False)
+        wait_until(lambda: ours.gone.is_set(), 10, "the resync to end the lost call")
+        assert ours.outcome == "completed" and ours.end_reason == "GONE_DURING_OUTAGE"
+        assert not any(n in ("ending", "fallback_done") for _t, n, _d in ours.timeline), ours.timeline
+        assert [c.command for c in sw.commands_for(call.uuid)[sent_before:] if c.kind != "local"] \
+            in ([], ["uuid_exists"], ["uuid_exists", "uuid_exists"])

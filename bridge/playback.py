@@ -299,7 +299,6 @@ class BroadcastPlayer(Player):
             return
         self._pending[:0] = tail
         self._pending_response = response_id
-        self._largest_ms = max(self._largest_ms, self._ms(len(tail)))  # it came late: not a sign of running ahead
         if response_id in self._done or self._ms(len(self._pending)) >= self._start_ms():
             self._flush()
         elif self._flush_timer is None:

@@ -165,9 +165,9 @@ def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, sec
     if spy and folded is not None:
         profiler = subprocess.Popen([spy, "record", "--gil", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f",
                                      "raw", "-o", str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t1, c1, a1 = time.time(), cpu_ticks(pid), audio_in_bytes(bridge, stat_port)
+    t1, c1, a1, k1 = time.time(), cpu_ticks(pid), audio_in_bytes(bridge, stat_port), system_ticks(pid)
     gevent.sleep(seconds)
-    t2, c2, a2 = time.time(), cpu_ticks(pid), audio_in_bytes(bridge, stat_port)
+    t2, c2, a2, k2 = time.time(), cpu_ticks(pid), audio_in_bytes(bridge, stat_port), system_ticks(pid)
     rss1 = rss_kib(pid)
     if profiler is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -179,7 +179,13 @@ def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, sec
     return {"bridge": bridge, "calls": n, "legs_up": legs, "window_s": round(span, 2),
             "cpu_pct_total": round(cpu, 2), "cpu_pct_per_call": round(cpu / n, 4),
             "rss_kib_per_call": round((rss1 - rss0) / n, 1),
+            "system_share": round((k2 - k1) / max(1, c2 - c1), 2),
             "audio_in_ratio": round((a2 - a1) / (BYTES_PER_S * span * n), 3)}
+
+
+def system_ticks(pid: int) -> int:
+    """stime alone (field 15): the kernel's share says how much of a bridge's cost is system calls."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[12])
 
 
 def top_entries(folded: Path, k: int = 12) -> dict[str, Any]:
@@ -192,7 +198,7 @@ def top_entries(folded: Path, k: int = 12) -> dict[str, Any]:
         if not count.isdigit():
             continue
         n = int(count)
-        frames = [re.sub(r" \(/.*?([^/]+/[^/]+\.py):\d+\)$", r" (\1)", f) for f in stack.split(";")]
+        frames = [re.sub(r" \(/.*?([^/]+/[^/]+\.py):\d+\)$", r" (\1)", f) for f in stack.split(";")]  # by function
         samples += n
         own[frames[-1]] += n
         for f in set(frames):
@@ -253,7 +259,7 @@ def run_mode(prefix: Path, mode: str, steps: list[int], reps: int, seconds: floa
                     runs.append(r)
                     print(f"  {mode:<9} {bridge:<10} {n:>4} calls rep {rep}: {r['cpu_pct_per_call']:.3f} %/call, "
                           f"{r['rss_kib_per_call']:.0f} KiB/call, audio in {r['audio_in_ratio']:.2f}, "
-                          f"{r['legs_up']} up", flush=True)
+                          f"{r['legs_up']} up, kernel {r['system_share']:.0%} of it", flush=True)
                     if folded is not None and folded.exists():
                         profile = top_entries(folded)
         log.close()

@@ -15,8 +15,9 @@ Callers are loopback legs playing 2 s tone turns with 2 s pauses, endlessly. For
 the bridges take turns (A B A B): N calls are placed to one bridge, and once every fork carries audio (and a
 settle) the bridge's process CPU (utime+stime from /proc) is read over `--seconds`; then the calls are hung up
 and the other bridge gets the same. Contention from anything else on the box hits both alike: the ratio is the
-figure. Per run: %/call = CPU % of one core / N; KiB/call = (RSS at the window's end - RSS before the calls) / N;
-audio in = the caller audio the bridge received over the window as a share of real time (both must be ~1.0).
+figure. Per run: %/call = CPU % of one core / N; KiB/call = (RSS at the window's end - the bridge's RSS before
+its first call) / N; kernel = the share of that CPU spent in system calls (stime); audio in = the caller audio
+the bridge received over the window as a share of real time (both must be ~1.0).
 
 `--profile PATH-TO-PY-SPY` samples forkbridge with py-spy over its last window per mode and prints the top
 functions by own time and by total time (py-spy is a bench-only tool: `pip install py-spy`).
@@ -155,9 +156,10 @@ class Callers:
         self.esl.close()
 
 
-def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, seconds: float,
+def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, seconds: float, rss0: int,
             spy: str = "", folded: Path | None = None) -> dict[str, Any]:
-    rss0 = rss_kib(pid)
+    """One run: n calls to one bridge; its CPU over the window, and its RSS at the window's end above `rss0`
+    (its RSS before its first call: what n calls hold, whatever earlier runs left in its heap)."""
     callers.place(n, DIDS[bridge])
     legs = callers.channels() // 2
     gevent.sleep(SETTLE_S)
@@ -198,7 +200,7 @@ def top_entries(folded: Path, k: int = 12) -> dict[str, Any]:
         if not count.isdigit():
             continue
         n = int(count)
-        frames = [re.sub(r" \(/.*?([^/]+/[^/]+\.py):\d+\)$", r" (\1)", f) for f in stack.split(";")]  # by function
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # by function, not by line
         samples += n
         own[frames[-1]] += n
         for f in set(frames):
@@ -249,12 +251,15 @@ def run_mode(prefix: Path, mode: str, steps: list[int], reps: int, seconds: floa
             gevent.sleep(0.2)
         callers = Callers(switch, wav)
         stat_ports = {"forkbridge": metrics_port, "naive": naive_port}
+        gevent.sleep(1.0)
+        idle_rss = {bridge: rss_kib(procs[bridge].pid) for bridge in BRIDGES}
         for n in steps:
             for rep in range(reps):
                 for bridge in BRIDGES:
                     last = n == steps[-1] and rep == reps - 1 and bridge == "forkbridge"
                     folded = mdir / "forkbridge.folded" if last and spy else None
-                    r = measure(bridge, procs[bridge].pid, stat_ports[bridge], callers, n, seconds, spy, folded)
+                    r = measure(bridge, procs[bridge].pid, stat_ports[bridge], callers, n, seconds,
+                                idle_rss[bridge], spy, folded)
                     r.update(mode=mode, rep=rep)
                     runs.append(r)
                     print(f"  {mode:<9} {bridge:<10} {n:>4} calls rep {rep}: {r['cpu_pct_per_call']:.3f} %/call, "

@@ -32,7 +32,6 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -50,7 +49,7 @@ import gevent  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import API_KEY, HZ, PY, SECRET, cpu_ticks, read_line, rss_kib, stop  # noqa: E402
+from bench.run import HZ, PY, config_text, cpu_ticks, merge_results, read_line, rss_kib, stop  # noqa: E402
 from controller.esl import EslConnection  # noqa: E402
 from fsim.audio import Silence, Tone  # noqa: E402
 from fsim.audio import write_wav as write_wav_file  # noqa: E402
@@ -77,30 +76,7 @@ NAIVE_DIALPLAN = """<include>
 """
 
 
-def forkbridge_config(esl_port: int, bridge_port: int, metrics_port: int, fake_port: int, spool: str,
-                      playback: str) -> str:
-    return f"""\
-esl:
-  port: {esl_port}
-  password: {PASSWORD}
-  command_timeout: 10s
-bridge:
-  listen: 127.0.0.1:{bridge_port}
-  spool_dir: {spool}
-  token_secret: {SECRET}
-metrics:
-  listen: 127.0.0.1:{metrics_port}
-logging:
-  level: warning
-daemon:
-  shutdown_grace: 1s
-engines:
-  openai:
-    type: openai_realtime
-    api_key: {API_KEY}
-    url: ws://127.0.0.1:{fake_port}/v1/realtime
-    connect_timeout: 10s
-routes:
+ROUTE = """\
   - name: load
     did: "7100"
     engine: openai
@@ -238,8 +214,8 @@ def run_mode(prefix: Path, mode: str, steps: list[int], reps: int, seconds: floa
         read_line(procs["naive"], 20, "ready")
         cfg = mdir / "forkbridge.yaml"
         spool = mdir / "spool"
-        cfg.write_text(forkbridge_config(switch.esl_port, bridge_port, metrics_port, fake_port, str(spool),
-                                         mode))
+        cfg.write_text(config_text(switch.esl_port, bridge_port, metrics_port, fake_port, str(spool),
+                                   password=PASSWORD, routes=ROUTE.format(playback=mode)))
         log = open(mdir / "daemon.log", "w")  # noqa: SIM115 - closed once the daemon is stopped
         procs["forkbridge"] = subprocess.Popen([PY, "-m", "controller.cli", "run", "--config", str(cfg)], stdout=log,
                                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -313,16 +289,6 @@ def print_mode(result: dict[str, Any]) -> None:
         print(f"  daemon ERROR: {line[:200]}", flush=True)
     if len(result.get("daemon_errors", [])) > 5:
         print(f"  ... {len(result['daemon_errors'])} daemon ERROR lines in all", flush=True)
-
-
-def merge_results(out: Path, key: str, value: dict[str, Any]) -> None:
-    data: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads(out.read_text())
-        if isinstance(loaded, dict):
-            data = loaded
-    data[key] = value
-    out.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def main() -> int:

@@ -37,7 +37,8 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 # Load figures (CPU and memory per call, latencies): make bench [STEPS=50,100] [SECONDS=10] [N=10]
-# then, when a FreeSWITCH is found as for the tests, what callers hear on it (skipped with one line otherwise)
+# then, when a FreeSWITCH is found as for the tests, what callers hear on it (skipped with one line otherwise),
+# then forkbridge against bench/naive.py on it [LOAD_CALLS=20,40] [LOAD_SECONDS=20] (installs the bench extra)
 STEPS ?= 50,100,200,300,500
 SECONDS ?= 20
 N ?= 10

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= conf/forkbridge.yaml
 
-.PHONY: test lint run sysdeps freeswitch demo bench bench-switch scale-demo
+.PHONY: test lint run sysdeps freeswitch demo bench bench-switch bench-load scale-demo
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,26 @@ demo: $(STAMP)
 	$(PY) tools/demo.py
 
 # Load figures (CPU and memory per call, latencies): make bench [STEPS=50,100] [SECONDS=10] [N=10]
-# then, when a FreeSWITCH is found as for the tests, what callers hear on it (skipped with one line otherwise)
+# then, when a FreeSWITCH is found as for the tests, what callers hear on it (skipped with one line otherwise),
+# then forkbridge against bench/naive.py on it [LOAD_CALLS=20,40] [LOAD_SECONDS=20] (installs the bench extra)
 STEPS ?= 50,100,200,300,500
 SECONDS ?= 20
 N ?= 10
-bench: $(STAMP)
+LOAD_CALLS ?= 20,40,80
+LOAD_SECONDS ?= 30
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/run.py --steps $(STEPS) --seconds $(SECONDS)
 	$(PY) bench/realswitch.py --calls $(N)
+	$(PY) bench/switchload.py --calls $(LOAD_CALLS) --seconds $(LOAD_SECONDS)
+
+# forkbridge against a naive bridge on a real switch, alone: CPU and memory per call, interleaved A B A B
+bench-load: $(BENCH_STAMP)
+	$(PY) bench/switchload.py --calls $(LOAD_CALLS) --seconds $(LOAD_SECONDS)
 
 # The real-switch part alone: N concurrent calls per playback mode, sample rate and engine pace
 bench-switch: $(STAMP)

@@ -60,7 +60,6 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import itertools  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
@@ -79,6 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bridge.session  # noqa: E402
+from bench.run import merge_results  # noqa: E402
 from controller.esl import EslConnection  # noqa: E402
 from fsim.audio import Silence, Tone  # noqa: E402
 from tests.fakes.openai_fake import OpenAIFake  # noqa: E402
@@ -564,17 +564,6 @@ def notes(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def merge_results(out: Path, realswitch: dict[str, Any]) -> None:
-    """Read-modify-write: the fsim bench's figures in the same file are kept."""
-    data: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        loaded = json.loads(out.read_text())
-        if isinstance(loaded, dict):
-            data = loaded
-    data["realswitch"] = realswitch
-    out.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description="forkbridge real-switch bench (see the module docstring)")
     p.add_argument("--calls", type=int, default=10, help="concurrent calls per cell")
@@ -588,7 +577,7 @@ def main() -> int:
     prefix, why = find_prefix()
     if prefix is None:
         print(f"real-switch bench skipped: {why}", flush=True)
-        merge_results(out, {"skipped": why, "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        merge_results(out, "realswitch", {"skipped": why, "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
         return 0
     modes = [m for m in args.modes.split(",") if m]
     rates = [int(r) for r in args.rates.split(",") if r]
@@ -654,7 +643,7 @@ def main() -> int:
         for line in notes(r):
             print(f"  {r['cell']}: {line}", flush=True)
     print(f"took {elapsed} s", flush=True)
-    merge_results(out, {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "freeswitch": why,
+    merge_results(out, "realswitch", {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "freeswitch": why,
                         "calls_per_cell": args.calls, "elapsed_s": elapsed, "skipped": skipped, "cells": results})
     print(f"wrote realswitch into {out}", flush=True)
     return 1 if failed else 0

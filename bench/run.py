@@ -98,11 +98,29 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def config_text(esl_port: int, bridge_port: int, metrics_port: int, fake_port: int, spool: str) -> str:
+ROUTES = """\
+  - name: bench-broadcast
+    did: "7101"
+    engine: openai
+    playback: broadcast
+    sample_rate: 16000
+    no_audio_timeout: 30s
+  - name: bench-stream
+    did: "7102"
+    engine: openai
+    playback: stream
+    sample_rate: 16000
+    no_audio_timeout: 30s
+"""
+
+
+def config_text(esl_port: int, bridge_port: int, metrics_port: int, fake_port: int, spool: str,
+                password: str = "ClueCon", routes: str = ROUTES) -> str:
+    """The daemon's config for a bench run (bench/switchload.py gives its own routes and ESL password)."""
     return f"""\
 esl:
   port: {esl_port}
-  password: ClueCon
+  password: {password}
   command_timeout: 10s
 bridge:
   listen: 127.0.0.1:{bridge_port}
@@ -121,19 +139,18 @@ engines:
     url: ws://127.0.0.1:{fake_port}/v1/realtime
     connect_timeout: 10s
 routes:
-  - name: bench-broadcast
-    did: "7101"
-    engine: openai
-    playback: broadcast
-    sample_rate: 16000
-    no_audio_timeout: 30s
-  - name: bench-stream
-    did: "7102"
-    engine: openai
-    playback: stream
-    sample_rate: 16000
-    no_audio_timeout: 30s
-"""
+{routes}"""
+
+
+def merge_results(out: Path, key: str, value: dict) -> None:
+    """Read-modify-write of one key of bench/results.json: the other parts' figures in the file are kept."""
+    data: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads(out.read_text())
+        if isinstance(loaded, dict):
+            data = loaded
+    data[key] = value
+    out.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def read_line(proc: subprocess.Popen, timeout: float, want: str) -> str:

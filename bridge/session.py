@@ -244,7 +244,7 @@ class MediaSession:
                 self.hooks.mark("first_caller_audio", {"bytes": len(message)})
             if self.stats is not None:
                 self.stats.audio_in(len(message))
-            self._recent.append((self._last_audio, message))
+            self._remember(self._last_audio, message)
             if self._held is not None:  # a new engine session is opening: it gets this once it is ready
                 if len(self._held) * len(message) < HOLD_MAX_S * self.info.sample_rate * 2:
                     self._held.append(message)
@@ -260,6 +260,17 @@ class MediaSession:
                 self.log.debug("send_audio failed", exc_info=True)
             batch.clear()
         return "ended"
+
+    def _remember(self, now: float, frame: bytes) -> None:
+        """Keep what _switch_session may replay: while the caller speaks, the utterance (up to RECENT_FRAMES);
+        otherwise only the last PREROLL_S, which is all an utterance starting next could need (10 s of every
+        call's audio was about 360 KiB per call)."""
+        recent = self._recent
+        recent.append((now, frame))
+        if not self._caller_speaking:
+            cutoff = now - PREROLL_S
+            while recent[0][0] < cutoff:
+                recent.popleft()
 
     def _on_text(self, text: str) -> None:
         """Metadata and module text frames: parsed defensively, never trusted for anything that matters."""

@@ -86,6 +86,8 @@ class Controller:
         elif event.name in ("PLAYBACK_START", "PLAYBACK_STOP"):
             path = event.get("Playback-File-Path")
             status = event.get("Playback-Status")
+            if event.name == "PLAYBACK_START":
+                call.started.add(path)
             waiter = self._prompt_done.get(call.uuid)
             if waiter is not None and event.name == "PLAYBACK_STOP" and path == call.route.fallback.prompt:
                 waiter.set()
@@ -102,9 +104,19 @@ class Controller:
         if event.get("Application") == "park":
             self._left_park(call, event)
             return
-        if event.get("Application") != "playback" or event.get("Application-Response") not in PLAYBACK_FAILURES:
+        if event.get("Application") != "playback":
             return
         path = event.get("Application-Data")
+        started = path in call.started
+        call.started.discard(path)
+        if event.get("Application-Response") not in PLAYBACK_FAILURES:
+            return
+        if started:
+            # A file that opened and played cannot be unreadable: FreeSWITCH answers PLAYBACK ERROR for a playback
+            # the hangup cut, usually before CHANNEL_HANGUP and while the channel still looks answered (observed).
+            call.log.debug("playback of %s ended with %s after it started: the channel is going",
+                           path, event.get("Application-Response"))
+            return
         if call.media is not None and call.media.deleted_chunk(path):
             call.media.playback_event("FAILED", path, "cancelled")  # a chunk we dropped at barge-in: expected
             return

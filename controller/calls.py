@@ -60,6 +60,7 @@ class Call:
     gone: gevent.event.Event = field(default_factory=gevent.event.Event)  # set when the call has ended
     timer: Any = None  # the max_duration greenlet, killed when the call ends
     recording: Any = None  # controller.recording.Recording when the route records
+    started: set[str] = field(default_factory=set)  # files FreeSWITCH has started playing and not yet finished
 
     def __post_init__(self) -> None:
         self.record = CallRecord(uuid=self.uuid, did=self.did, caller_id=self.caller_id, route=self.route.name,

@@ -243,16 +243,37 @@ class Daemon:
 
 
 class AudioCounters:
-    """What a media session counts per frame, without knowing about Prometheus."""
+    """What a media session counts per frame, without knowing about Prometheus.
+
+    Counted in plain integers and added to the Prometheus counters every FLUSH_FRAMES frames and before each
+    exposition: a prometheus-client inc() takes a lock (a gevent lock once monkey-patched), which per caller
+    frame was about 5 % of the daemon's CPU under load. A scrape always sees every frame counted so far."""
+
+    FLUSH_FRAMES = 500
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._pending = {"in": [0, 0], "out": [0, 0]}  # direction -> [bytes, frames]
+        metrics.before_exposition(self.flush)
 
     def audio_in(self, nbytes: int) -> None:
-        self.metrics.audio("in", nbytes)
+        self._count(self._pending["in"], nbytes)
 
     def audio_out(self, nbytes: int) -> None:
-        self.metrics.audio("out", nbytes)
+        self._count(self._pending["out"], nbytes)
+
+    def _count(self, pending: list[int], nbytes: int) -> None:
+        pending[0] += nbytes
+        pending[1] += 1
+        if pending[1] >= self.FLUSH_FRAMES:
+            self.flush()
+
+    def flush(self) -> None:
+        for direction, pending in self._pending.items():
+            if pending[1]:
+                nbytes, frames = pending
+                pending[0] = pending[1] = 0
+                self.metrics.audio(direction, nbytes, frames)
 
 
 def run_daemon(path: str) -> int:

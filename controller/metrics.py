@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -50,6 +50,21 @@ class _Bounded:
             return text
 
 
+class _BeforeCollect:
+    """A collector with no metrics of its own: runs the flushes when a scrape begins."""
+
+    def __init__(self, flushes: list[Callable[[], None]]) -> None:
+        self._flushes = flushes
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        for flush in self._flushes:
+            flush()
+        return []
+
+
 class Metrics:
     """All forkbridge series, registered in a private CollectorRegistry (`self.registry`).
 
@@ -62,6 +77,8 @@ class Metrics:
         r = self.registry
         self._route = _Bounded(max_label_values)
         self._engine = _Bounded(max_label_values)
+        self._flushes: list[Callable[[], None]] = []
+        r.register(_BeforeCollect(self._flushes))  # first, so the flushed counts are in the same scrape
         self._code = _Bounded(max_label_values)
         self._reason = _Bounded(max_label_values)
 
@@ -270,6 +287,10 @@ class Metrics:
         self.config_reloads.labels(result="ok" if ok else "error").inc()
 
     # ---- exposition
+
+    def before_exposition(self, flush: Callable[[], None]) -> None:
+        """`flush` runs before each exposition: for counts kept outside the registry on a hot path."""
+        self._flushes.append(flush)
 
     def exposition(self) -> bytes:
         """The text exposition format of this registry (what /metrics serves)."""

@@ -584,12 +584,12 @@ class Channel:
         else:
             self._execute(app, arg, "_none_", item.app_uuid)
 
-    def _stop_all(self, status: str, ear_status: str | None = None) -> None:
+    def _stop_all(self, status: str, ear_status: str | None = None, response: str = "FILE PLAYED") -> None:
         """Stop every running playback, innermost first (each one's STOP and EXECUTE_COMPLETE in that order)."""
         for _ in range(len(self.stack)):
-            self._stop_playback(status, ear_status)
+            self._stop_playback(status, ear_status, response)
 
-    def _stop_playback(self, status: str, ear_status: str | None = None) -> None:
+    def _stop_playback(self, status: str, ear_status: str | None = None, response: str = "FILE PLAYED") -> None:
         """Stop the innermost playback; the one it was nested in (if any) resumes on the next frame."""
         if not self.stack:
             return
@@ -610,7 +610,7 @@ class Channel:
             extra.insert(0, ("Playback-File-Type", "silence_stream"))
         self.fire("PLAYBACK_STOP", extra)
         self.played.append((p.path, ear_status or status))
-        self._execute_complete("playback", p.path, "FILE PLAYED", p.item.app_uuid)
+        self._execute_complete("playback", p.path, response, p.item.app_uuid)
 
     # ------------------------------------------------------------------ bidirectional stream playout (jambonz)
     def _stream_tick(self, now: float, write: np.ndarray | None) -> np.ndarray | None:
@@ -682,13 +682,15 @@ class Channel:
             self.originated.set(f"-ERR {cause}\n")
         self.t_hangup_us = int(time.time() * 1_000_000)
         self.t_hangup = time.monotonic()
+        # As observed: a playback the hangup cuts usually ends (PLAYBACK_STOP "done", then EXECUTE_COMPLETE
+        # "PLAYBACK ERROR") before CHANNEL_HANGUP, while the channel still looks answered.
+        self._stop_all("done", ear_status="hangup", response="PLAYBACK ERROR")
         self.answer_state = "hangup"
         self.call_state = "HANGUP"
         self._set_state("CS_HANGUP", 10)
         self.variables["hangup_cause"] = cause
         self.variables["sip_hangup_disposition"] = "recv_bye" if by == "caller" else "send_bye"
         self.fire("CHANNEL_HANGUP")  # Hangup-Cause comes with the channel data
-        self._stop_all("done", ear_status="hangup")
         self.ear.close_all("hangup")
         self.queue.clear()
         self.leading = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -273,3 +274,25 @@ def test_a_call_lost_with_a_crashed_freeswitch_is_recorded_lost_not_fallen_back(
         assert not any(n in ("ending", "fallback_done") for _t, n, _d in ours.timeline), ours.timeline
         assert [c.command for c in sw.commands_for(call.uuid)[sent_before:] if c.kind != "local"] \
             in ([], ["uuid_exists"], ["uuid_exists", "uuid_exists"])
+
+
+def test_a_caller_hanging_up_during_a_reply_is_no_playback_failure(tmp_path):
+    """FreeSWITCH ends a playback the hangup cuts with PLAYBACK ERROR, before CHANNEL_HANGUP (observed): that is
+    the call ending, not a file it could not read."""
+    script = CallerScript(audio=Tone(440, 2.0) + Silence(20.0))
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    logging.getLogger("forkbridge").addHandler(handler)
+    try:
+        with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
+            call = sw.place_call(did="7100", script=script)
+            wait_until(lambda: call.playing_path and call.playing_path.startswith(str(tmp_path)), timeout=10,
+                       what="the echoed reply to be playing")
+            call.hangup(by="caller")
+            ended = wait_until(lambda: [c for c in daemon.ended_calls if c.uuid == call.uuid], what="the record")
+    finally:
+        logging.getLogger("forkbridge").removeHandler(handler)
+    assert not [name for _, name, _ in ended[0].timeline if name == "playback_failed"]
+    assert ended[0].outcome == "completed"
+    assert not [r.getMessage() for r in errors]

@@ -184,3 +184,22 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
     proc = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_audio_counted_per_frame_is_all_in_the_next_scrape():
+    from prometheus_client import generate_latest
+
+    from controller.daemon import AudioCounters
+
+    m = Metrics()
+    counters = AudioCounters(m)
+    for _ in range(3):
+        counters.audio_in(640)
+    counters.audio_out(1280)
+    assert value(m, "forkbridge_audio_bytes_total", direction="in") == 1920
+    assert value(m, "forkbridge_audio_frames_total", direction="in") == 3
+    for _ in range(AudioCounters.FLUSH_FRAMES + 1):
+        counters.audio_in(2)
+    # /metrics renders the registry itself (prometheus-client's WSGI app): the same counts
+    assert 'forkbridge_audio_frames_total{direction="in"} 504.0' in generate_latest(m.registry).decode()
+    assert value(m, "forkbridge_audio_bytes_total", direction="out") == 1280

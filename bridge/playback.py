@@ -443,12 +443,13 @@ class StreamPlayer(Player):
 
         The module plays what it has and then nothing until the next message: an engine at exactly real time
         would leave a hole whenever a message lands after the last one has played (measured: 40 ms, 160 ms into
-        every reply after the first). So a reply's first message waits START_AFTER_S after its first audio
-        (unless the engine is already two messages ahead), which keeps FreeSWITCH that far ahead of an engine at
-        real time. Messages stay exactly one threshold long: larger ones (the whole buffer at once) were heard
-        with holes and left audio behind a killAudio on the real switch."""
+        every reply after the first). So a reply's first message waits START_AFTER_S after its first audio, which
+        keeps FreeSWITCH that far ahead of an engine at real time (always: two pieces that arrive together after a
+        stall look like an engine running ahead, and were heard with the same hole). Messages stay exactly one
+        threshold long: larger ones (the whole buffer at once) were heard with holes and left audio behind a
+        killAudio on the real switch."""
         response = self._buffer_response
-        if not final and response not in self._sent_ms and len(self._buffer) < 2 * self._batch_bytes:
+        if not final and response not in self._sent_ms:
             wait = self.START_AFTER_S - (time.monotonic() - self._first_audio.get(response, time.monotonic()))
             if wait > 0 or len(self._buffer) < self._batch_bytes:
                 if wait > 0 and (self._start_timer is None or self._start_timer.dead):

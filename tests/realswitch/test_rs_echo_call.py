@@ -14,7 +14,7 @@ import pytest
 from bridge.echo import DTMF_FREQS
 from fsim.audio import Silence, Tone
 from tests.harness import load, running_daemon, wait_until, write_config
-from tests.realswitch.caller import Caller, wait_no_channels
+from tests.realswitch.caller import Caller, real_calls, wait_no_channels
 from tests.realswitch.switch import PASSWORD
 
 ROUTE = """
@@ -79,7 +79,7 @@ def test_echo_call_heard_right_cut_by_barge_in_and_answering_digits(tmp_path, dr
     assert any(n == "dtmf_to_engine" and d.get("text") == "5" for _t, n, d in call.timeline)
     assert hangup.get("Hangup-Cause") == "NORMAL_CLEARING"
     # the call record
-    records = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    records = real_calls([json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()])
     assert [r["uuid"] for r in records] == [caller.b]
     assert records[0]["did"] == "7100" and records[0]["outcome"] == "completed"
 

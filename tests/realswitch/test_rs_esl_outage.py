@@ -39,7 +39,7 @@ from controller.esl import Event
 from controller.metrics import Metrics
 from fsim.audio import Sequence, Signal, Silence, Tone
 from tests.harness import load, running_daemon, wait_until, write_config
-from tests.realswitch.caller import Caller, wait_no_channels
+from tests.realswitch.caller import Caller, real_calls, wait_no_channels
 from tests.realswitch.heard import Piece, Recording
 from tests.realswitch.switch import PASSWORD, FreeSwitch, Probe, find_prefix, must_run
 
@@ -270,7 +270,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 def records(path: Path) -> dict[str, dict[str, Any]]:
     """The daemon's call records by uuid."""
     lines = path.read_text().splitlines() if path.exists() else []
-    return {r["uuid"]: r for r in map(json.loads, lines)}
+    return {r["uuid"]: r for r in real_calls(list(map(json.loads, lines)))}
 
 
 def _config(tmp_path: Path, esl_port: int, command_timeout: str = "2s") -> Config:

@@ -30,7 +30,7 @@ from controller.calls import Call
 from controller.esl import Event
 from fsim.audio import Silence, Tone, write_wav
 from tests.harness import SECRET, free_ports, load, metric, running_daemon, wait_until, write_config
-from tests.realswitch.caller import Caller
+from tests.realswitch.caller import Caller, real_calls
 from tests.realswitch.heard import Piece, pieces
 from tests.realswitch.switch import PASSWORD, REPO, FreeSwitch, Probe
 
@@ -200,7 +200,7 @@ def test_a_failing_call_ends_in_its_fallback_and_never_stays_parked(tmp_path, dr
     # why, in the daemon's own words: the call and its written record
     outcome = "fallback_hangup" if trouble.hangup else "fallback_transfer"
     assert (call.outcome, call.end_reason) == (outcome, trouble.reason), call.timeline
-    records = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    records = real_calls([json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()])
     assert [(r["uuid"], r["outcome"], r["hangup_cause"]) for r in records] == [(caller.b, outcome, trouble.reason)]
     failed_at = _mark_wall(call, "ending")
 
@@ -363,5 +363,5 @@ def test_a_killed_daemon_leaves_its_caller_to_freeswitchs_timer_and_a_live_one_n
     # what fired was the timer armed last, when it said it would (Task-Runtime: whole epoch seconds)
     assert abs(wall(fired) - runs_at) < 1.5, (wall(fired), runs_at)
     # the killed daemon wrote nothing for the orphan (its outcome for the long call: see the hang-up test above)
-    records = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    records = real_calls([json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()])
     assert [r["uuid"] for r in records] == [long.b], daemon_log[-2000:]

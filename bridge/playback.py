@@ -452,7 +452,10 @@ class StreamPlayer(Player):
         if not final and response not in self._sent_ms:
             wait = self.START_AFTER_S - (time.monotonic() - self._first_audio.get(response, time.monotonic()))
             if wait > 0 or len(self._buffer) < self._batch_bytes:
-                if wait > 0 and (self._start_timer is None or self._start_timer.dead):
+                if wait > 0 and (self._start_timer is None or self._start_timer.dead
+                                 or self._start_timer.args != (response,)):
+                    if self._start_timer is not None:
+                        self._start_timer.kill(block=False)
                     self._start_timer = gevent.spawn_later(wait, self._timed_drain, response)
                 return
         while len(self._buffer) >= self._batch_bytes:

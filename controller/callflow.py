@@ -165,6 +165,8 @@ class Controller:
             "dialplan/forkbridge.xml with the routes", did, fallback.describe())
         if self.unrouted_counter is not None:
             self.unrouted_counter.inc()
+        if self.dialer is not None:  # a call we placed whose route a reload removed: its attempt ends here
+            self.dialer.call_ended(uuid, "unrouted", "UNROUTED")
         apps = [f"playback:{fallback.prompt}"] if fallback.prompt else []
         apps.append(f"transfer:{fallback.transfer}" if fallback.transfer else f"hangup:{fallback.hangup_cause}")
         marker = self.config.esl.marker_variable

@@ -179,3 +179,20 @@ def test_the_route_cap_refuses_a_third_call_and_a_cancelled_one_frees_its_place(
             assert request(daemon, "POST", "/calls", {"route": "reminders", "to": "7322"})[0] == 201
             wait_until(lambda: len([c for c in sw.commands_log if c.command == "originate"]) == 3, 5,
                        "the third originate")
+
+
+def test_a_call_answered_after_a_reload_removed_its_route_ends_its_attempt(tmp_path, bot):
+    """The route went away (SIGHUP) while the call rang: the answered call gets defaults' fallback like any marked
+    call no route matches, and its attempt ends instead of holding a place under the cap for ever."""
+    with FSim(callees={"7330": Callee(ring_s=1.0)}) as sw:
+        path = write_config(tmp_path, sw.esl_port, ROUTE, engines=engine_yaml(bot), extra=API)
+        with running_daemon(load(path)) as daemon:
+            status, placed = request(daemon, "POST", "/calls", {"route": "reminders", "to": "7330"})
+            assert status == 201
+            without = path.read_text().replace("name: reminders", "name: renamed")
+            path.write_text(without)
+            assert daemon.reload(str(path))
+            _, done = wait_until(lambda: (r := request(daemon, "GET", f"/calls/{placed['id']}"))[1]["state"]
+                                 == "ended" and r, 8, "the attempt to end")
+            assert done["outcome"] == "answered" and done["call_outcome"] == "unrouted"
+            assert daemon.dialer.live("reminders") == 0

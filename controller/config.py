@@ -340,6 +340,17 @@ class _Section:
             return default
         return value
 
+    def regex(self, key: str, required: bool = False) -> str:
+        """A regular expression; an invalid one is reported and read as none."""
+        text = self.str(key, required=required)
+        if text:
+            try:
+                re.compile(text)
+            except re.error as exc:
+                self.bad(key, f"invalid regular expression: {exc}")
+                return ""
+        return text
+
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
         value = self.str(key, default)
         if value not in choices:
@@ -542,13 +553,7 @@ def _read_outbound(route: _Section) -> OutboundPolicy | None:
     dial = sec.str("dial", required=True)
     if dial and "{to}" not in dial:
         sec.bad("dial", f"must contain {{to}} where the number goes, e.g. sofia/gateway/carrier/{{to}}; got {dial!r}")
-    allowed = sec.str("allowed", required=True)
-    if allowed:
-        try:
-            re.compile(allowed)
-        except re.error as exc:
-            sec.bad("allowed", f"invalid regular expression: {exc}")
-            allowed = ""
+    allowed = sec.regex("allowed", required=True)
     for key in ("caller_id", "caller_id_name"):
         if not SAFE_VALUE.fullmatch(sec.str(key)):
             sec.bad(key, "must not contain spaces, commas, quotes, braces, backslashes or ^")
@@ -610,16 +615,10 @@ def _read_route(reader: _Reader, node: _Node, index: int, defaults: _Node | None
     merged.update(node.value)  # a route's own key replaces the default's key as a whole
     sec = _Section(reader, _Node(merged, node.line), path, _ROUTE_KEYS)
     dids = sec.str_list("did")
-    pattern = sec.str("pattern")
-    if not dids and not pattern and not sec.has("outbound"):
+    pattern = sec.regex("pattern")
+    if not dids and not sec.str("pattern") and not sec.has("outbound"):
         reader.error(node.line, path, "needs 'did' (a number or a list) or 'pattern' (a regular expression), or "
                                       "outbound: for a route that only places calls")
-    if pattern:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            sec.bad("pattern", f"invalid regular expression: {exc}")
-            pattern = ""
     engine = sec.str("engine", required=True)
     if engine and engine not in engines:
         known = ", ".join(engines) or "none defined"

@@ -176,6 +176,10 @@ class FakeConn:
 
 class _Handler(WebSocketHandler):
     def upgrade_websocket(self) -> Any:
+        # Engine servers disable Nagle (asyncio, uvicorn and websockets all do): without it every second small
+        # message waits for the client's next ACK, up to 40 ms, and a fake "exactly real time" engine is not.
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         refusal = self.server.fake.refuse_upgrade(self.environ)
         if refusal is not None and self.environ.get("HTTP_UPGRADE", "").lower() == "websocket":
             status, body = refusal

@@ -37,7 +37,7 @@ FLUSH_AFTER_S = 0.08  # pending audio shorter than a chunk is queued anyway afte
 NATIVE_START_MS = 40
 FRAME_S = 0.02  # what FreeSWITCH leaves between two queued files (one frame at 20 ms ptime)
 NATIVE_MARGIN_MS = 20
-NATIVE_START_AFTER_S = 0.04
+NATIVE_START_AFTER_S = 0.03
 NATIVE_START_WAIT_S = 0.15  # a reply slower than real time starts anyway after this long
 NATIVE_LEAD_STEP_S = 0.04  # after FreeSWITCH caught up with a call's engine, its later replies wait this much more
 # Codecs mod_native_file plays as they are (the file's extension names the codec; it must be the channel's)
@@ -391,7 +391,9 @@ class StreamPlayer(Player):
     """
 
     LEAD_MS = 60
-    START_AFTER_S = 0.04  # a reply's first message waits this long after its first audio (see _drain_buffer)
+    # a reply's first message waits this long after its first audio (see _drain_buffer): one later batch of the
+    # module's (640 x factor samples at the stream's rate is 80 ms at any factor)
+    START_AFTER_S = 0.08
 
     def __init__(self, send_binary: Callable[[bytes], None], send_text: Callable[[str], None], rate: int,
                  codec_rate: int = 0, **callbacks) -> None:
@@ -416,12 +418,15 @@ class StreamPlayer(Player):
         self._clock_sent_ms = 0.0
         self._first_audio: dict[str, float] = {}  # when each reply's first audio came from the engine
         self._start_timer: gevent.Greenlet | None = None
+        self._largest_ms = 0.0  # the largest single delivery of the reply being buffered
 
     def feed(self, pcm: bytes, response_id: str) -> None:
         if response_id != self._buffer_response:
             self._drain_buffer(final=True)
             self._buffer_response = response_id
+            self._largest_ms = 0.0
         self.received_ms[response_id] = self.received_ms.get(response_id, 0.0) + self._ms(len(pcm))
+        self._largest_ms = max(self._largest_ms, self._ms(len(pcm)))
         self._first_audio.setdefault(response_id, time.monotonic())
         self._buffer += pcm
         self._drain_buffer(final=False)
@@ -441,16 +446,20 @@ class StreamPlayer(Player):
         """What is buffered goes to the queue in messages of at least the module's threshold; at a reply's end the
         rest too, padded with silence to the threshold.
 
-        The module plays what it has and then nothing until the next message: an engine at exactly real time
-        would leave a hole whenever a message lands after the last one has played (measured: 40 ms, 160 ms into
-        every reply after the first). So a reply's first message waits START_AFTER_S after its first audio, which
-        keeps FreeSWITCH that far ahead of an engine at real time (always: two pieces that arrive together after a
-        stall look like an engine running ahead, and were heard with the same hole). Messages stay exactly one
-        threshold long: larger ones (the whole buffer at once) were heard with holes and left audio behind a
-        killAudio on the real switch."""
+        The module plays what it has and then nothing until the next message. Whole messages hold back up to one
+        batch less a piece of what the engine has sent (100 ms pieces in 80 ms batches: 20, 40, 60, 0 ms), so an
+        engine at exactly real time leaves a hole wherever what is held back exceeds the lead FreeSWITCH was
+        given (measured with a 40 ms lead: a 20 ms hole in 16-20 of 30 replies). A reply's first message therefore
+        waits START_AFTER_S (one later batch) after its first audio, unless the engine is already ahead of real
+        time by a batch and a piece (its advance just before its next piece still covers what is held back).
+        Messages stay exactly one threshold long: larger ones (the whole buffer at once) were heard with holes
+        and left audio behind a killAudio on the real switch."""
         response = self._buffer_response
         if not final and response not in self._sent_ms:
-            wait = self.START_AFTER_S - (time.monotonic() - self._first_audio.get(response, time.monotonic()))
+            elapsed = time.monotonic() - self._first_audio.get(response, time.monotonic())
+            ahead_ms = self.received_ms.get(response, 0.0) - elapsed * 1000.0
+            running_ahead = ahead_ms >= self._ms(self._later_batch_bytes) + self._largest_ms
+            wait = 0.0 if running_ahead else self.START_AFTER_S - elapsed
             if wait > 0 or len(self._buffer) < self._batch_bytes:
                 if wait > 0 and (self._start_timer is None or self._start_timer.dead
                                  or self._start_timer.args != (response,)):

@@ -309,6 +309,10 @@ def run_daemon(path: str, shard: Shard | None = None, report_fd: int | None = No
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(daemon.shutdown))
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(daemon.shutdown))
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(daemon.reload, path))
+    if not shard.sole:
+        from controller.workers import drain_when_orphaned
+
+        drain_when_orphaned()
     daemon.stopped.wait()
     log.info("stopped")
     return 0

@@ -18,6 +18,8 @@ call itself; it
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -52,6 +54,7 @@ STABLE_AFTER = 60.0  # a worker that lived this long before dying is not "dying 
 REPORT_TIMEOUT = 60.0  # the longest a worker may take to say where it listens
 POLL_INTERVAL = 0.5  # how often the parent asks each worker's /readyz
 SCRAPE_TIMEOUT = 2.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 _SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")  # the parent's alone
 
 
@@ -276,6 +279,13 @@ def _get(port: int | None, path: str, timeout: float) -> str | None:
             return reply.read().decode()
     except (urllib.error.URLError, OSError, ValueError):
         return None
+
+
+def drain_when_orphaned() -> None:
+    """In a worker: a parent that dies without forwarding SIGTERM (SIGKILL, a crash) sends it anyway (Linux's
+    PR_SET_PDEATHSIG), so no worker goes on taking calls with nobody supervising it: it drains and exits."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def describe_exit(status: int) -> str:

@@ -124,27 +124,37 @@ def write_config(tmp_path: Path, esl_port: int, metrics_port: int, api_port: int
     return path
 
 
-@contextlib.contextmanager
-def node(tmp_path: Path, esl_port: int, workers: str = "2") -> Iterator[Node]:
-    metrics_port, api_port = free_ports(2)
-    config = write_config(tmp_path, esl_port, metrics_port, api_port, workers)
-    log_path = tmp_path / "forkbridge.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+def start_node(config: Path, metrics_port: int, api_port: int, env: dict[str, str] | None = None) -> Node:
+    """`forkbridge run` as systemd would start it, its output in a log file next to the config."""
+    log_path = config.with_suffix(".log")
+    env = env if env is not None else {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET",
+                                                                                           "WATCHDOG_USEC")}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "--config", str(config)], cwd=REPO,
                                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    n = Node(proc, log_path, metrics_port, api_port)
+    return Node(proc, log_path, metrics_port, api_port)
+
+
+def stop_node(n: Node) -> None:
+    """After a failed test: the parent by its pid, then every worker it started by theirs."""
+    if n.proc.poll() is None:
+        pids = {int(p) for p in re.findall(r"started \(pid (\d+)\)", n.log.read_text())}
+        n.proc.kill()
+        n.proc.wait(timeout=10)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def node(tmp_path: Path, esl_port: int, workers: str = "2") -> Iterator[Node]:
+    metrics_port, api_port = free_ports(2)
+    n = start_node(write_config(tmp_path, esl_port, metrics_port, api_port, workers), metrics_port, api_port)
     try:
         wait_until(lambda: n.get("/readyz")[0] == 200, 30, "both workers ready", n)
         yield n
     finally:
-        if proc.poll() is None:  # a failed test: the parent by its pid, then its workers by theirs
-            pids = {int(p) for p in re.findall(r"started \(pid (\d+)\)", log_path.read_text())}
-            proc.kill()
-            proc.wait(timeout=10)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        stop_node(n)
 
 
 def place_spread(sw: FSim, per_worker: int, script: CallerScript, did: str = "7100") -> dict[int, list[Any]]:
@@ -220,6 +230,7 @@ def test_a_killed_worker_is_restarted_and_its_callers_picked_up_while_the_others
         heard_before = {c.uuid: c.ear.heard_seconds("broadcast:") for c in calls[1]}
 
         os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: parent.get("/readyz")[0] == 503, 5, "the node not ready while a worker is down", parent)
         wait_until(lambda: parent.total("forkbridge_worker_restarts_total") == 1, 15, "the restart counted", parent)
         wait_until(lambda: parent.worker_pid(1) != victim, 15, "a new worker 1", parent)
         wait_until(lambda: parent.get("/readyz")[0] == 200, 15, "both workers ready again", parent)
@@ -344,3 +355,74 @@ def test_a_worker_owns_exactly_the_uuids_that_hash_to_it():
     assert Shard().owns("anything") and Shard.parse("1/2") == Shard(1, 2)
     with pytest.raises(ValueError):
         Shard.parse("2/2")
+
+
+def test_a_worker_that_cannot_come_back_leaves_its_callers_to_the_orphan_timer(tmp_path):
+    """Worker 1 is killed and its restarts fail (the file broke meanwhile): FreeSWITCH's own timer gives its
+    callers their fallback; worker 0's callers carry on. Once the file is fixed the worker comes back."""
+    with FSim() as sw, node(tmp_path, sw.esl_port) as parent:
+        calls = place_spread(sw, 1, TALKING)
+        wait_until(lambda: all(connected(c) for c in calls[0] + calls[1]), 10, "every call forked", parent)
+        config = tmp_path / "forkbridge.yaml"
+        good = config.read_text()
+        config.write_text(good.replace("engine: echo", "engine: nowhere"))
+        os.kill(parent.worker_pid(1), signal.SIGKILL)
+        wait_until(lambda: parent.total("forkbridge_worker_restarts_total") >= 2, 15, "a failed restart", parent)
+        for call in calls[1]:  # orphan_timeout 10s: within 10 s of the last re-arm, FreeSWITCH transfers them
+            wait_until(lambda c=call: c.transferred_to, 15, "the orphan timer's fallback", parent)
+            assert call.transferred_to.startswith("1000")
+        for call in calls[0]:
+            assert call.transferred_to is None and call.alive and forks(call)[0].state == "connected"
+        config.write_text(good)
+        wait_until(lambda: parent.get("/readyz")[0] == 200, 40, "worker 1 back once the file is fixed", parent)
+        later = place_spread(sw, 1, SHORT)
+        for call in later[1]:
+            wait_until(lambda c=call: c.ear.heard_seconds("broadcast:") >= 0.3, 10, "worker 1 answering again")
+
+        # the parent itself killed: its workers do not go on unsupervised, they drain and exit
+        workers = [parent.worker_pid(0), parent.worker_pid(1)]
+        parent.proc.kill()
+        parent.proc.wait(timeout=10)
+        wait_until(lambda: all(gone(pid) for pid in workers), 20, "the orphaned workers to exit")
+        for call in calls[0]:
+            assert call.transferred_to and call.transferred_to.startswith("1000")  # drained into the fallback
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_only_the_parent_talks_to_systemd(tmp_path):
+    """READY=1 once both workers are ready (not before FreeSWITCH is up), watchdog pings from the parent,
+    STOPPING=1 at SIGTERM; no worker's own notification ever reaches the socket."""
+    from tests.test_ops_daemon import NotifyListener
+
+    esl_port, metrics_port, api_port = free_ports(3)
+    config = write_config(tmp_path, esl_port, metrics_port, api_port)
+    notify = NotifyListener(tmp_path / "notify.sock")
+    env = {k: v for k, v in os.environ.items() if k != "WATCHDOG_PID"}
+    env.update(NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")
+    parent = start_node(config, metrics_port, api_port, env)
+    try:
+        wait_until(lambda: parent.get("/healthz")[0] == 200, 20, "the parent's /healthz", parent)
+        wait_until(lambda: "started (pid" in parent.log.read_text() and parent.get("/readyz")[0] == 503, 10,
+                   "not ready while FreeSWITCH is down", parent)
+        assert "worker(s) 0, 1 not ready" in parent.get("/readyz")[1]
+        assert notify.index("READY=1") is None
+        with FSim(esl_port=esl_port):
+            wait_until(lambda: notify.index("READY=1") is not None, 20, "READY=1", parent)
+            assert parent.get("/readyz")[0] == 200
+            wait_until(lambda: notify.index("WATCHDOG=1") is not None, 5, "a watchdog ping", parent)
+            parent.proc.send_signal(signal.SIGTERM)
+            assert parent.proc.wait(timeout=30) == 0
+        wait_until(lambda: notify.index("STOPPING=1") is not None, 5, "STOPPING=1")
+        assert [m for m in notify.messages if "READY=1" in m.split("\n")] == ["READY=1\nSTATUS=2 workers ready"]
+        assert not [m for m in notify.messages if "ESL connected" in m]  # a worker's READY would say so
+    finally:
+        notify.close()
+        stop_node(parent)

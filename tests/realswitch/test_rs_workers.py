@@ -7,31 +7,18 @@ workers, exit 0.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import signal
-import subprocess
-import sys
 import textwrap
-import urllib.error
-import urllib.request
 
 from controller.shard import owner
 from fsim.audio import Silence, Tone
 from tests.harness import SECRET, free_ports, wait_until
 from tests.realswitch.caller import Caller, wait_no_channels
-from tests.realswitch.switch import PASSWORD, REPO
+from tests.realswitch.switch import PASSWORD
+from tests.test_workers import start_node, stop_node
 
 PER_WORKER = 2
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-            return reply.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def test_four_echo_calls_on_two_workers_each_hear_their_reply(tmp_path, drachtio, probe):
@@ -46,13 +33,9 @@ def test_four_echo_calls_on_two_workers_each_hear_their_reply(tmp_path, drachtio
         routes:
           - {{name: line-check, did: "7100", engine: echo, sample_rate: 8000, no_audio_timeout: 20s}}
         """))
-    log_path = tmp_path / "forkbridge.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "controller.cli", "run", "--config", str(config)], cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+    node = start_node(config, metrics_port, 0)
     try:
-        wait_until(lambda: _ready(metrics_port), 30, "both workers ready")
+        wait_until(lambda: node.get("/readyz")[0] == 200, 30, "both workers ready")
         # FreeSWITCH picks the B-leg uuids: dial until each worker owns two live calls; the extras go at once
         callers: dict[int, list[Caller]] = {0: [], 1: []}
         for i in range(16):
@@ -76,19 +59,13 @@ def test_four_echo_calls_on_two_workers_each_hear_their_reply(tmp_path, drachtio
         for caller in everyone:
             heard = caller.recording().heard()
             assert len(heard) == 1 and abs(heard[0].freq - 440) < 15, [str(p) for p in heard]
-        log_text = log_path.read_text()
+        log_text = node.log.read_text()
         for k, mine in callers.items():
             for caller in mine:  # taken by the worker that owns it, and by that one only
                 taken = re.findall(rf"answered: ours.*\[uuid={caller.b} .*worker=(\d)\]", log_text)
                 assert taken == [str(k)], (caller.b, taken)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            pids = {int(p) for p in re.findall(r"started \(pid (\d+)\)", log_path.read_text())}
-            proc.kill()
-            proc.wait(timeout=10)
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        stop_node(node)
     wait_no_channels(probe)

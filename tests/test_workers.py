@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -36,9 +37,9 @@ from controller.shard import Shard, owner
 from fsim import Callee, CallerScript, FSim, Silence, Tone
 from fsim.audio import write_wav
 from tests.harness import SECRET, free_ports
+from tests.test_outbound_calls import TOKEN, request
 
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "workers-api-token-0123456789"
 TALKING = CallerScript(audio=functools.reduce(operator.add, [Tone(440, 1.0) + Silence(1.5)] * 16),
                        hangup_after=40.0)  # a turn every 2.5 s: an echo to hear every 2.5 s
 SHORT = CallerScript(audio=Tone(440, 1.0) + Silence(2.0), hangup_after=3.0)
@@ -49,6 +50,7 @@ class Node:
 
     def __init__(self, proc: subprocess.Popen, log: Path, metrics_port: int, api_port: int) -> None:
         self.proc, self.log, self.metrics_port, self.api_port = proc, log, metrics_port, api_port
+        self.call_api = types.SimpleNamespace(url=f"http://127.0.0.1:{api_port}")  # for request()
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -66,18 +68,6 @@ class Node:
 
     def total(self, name: str, **labels: str) -> float:
         return sum(v for lab, v in self.samples(name) if all(lab.get(k) == x for k, x in labels.items()))
-
-    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method)
-        req.add_header("Authorization", f"Bearer {TOKEN}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as reply:
-                return reply.status, json.loads(reply.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"{}")
 
     def worker_pid(self, k: int) -> int:
         """The pid of worker k as the parent last started it (from its log)."""
@@ -284,27 +274,27 @@ def test_outbound_calls_go_through_the_parent_and_the_route_cap_holds_across_wor
     callees = {"7310": Callee(ring_s=0.3, script=speaks), "7320": Callee(ring_s=30.0),
                "7321": Callee(ring_s=30.0), "7322": Callee(ring_s=30.0)}
     with FSim(callees=callees) as sw, node(tmp_path, sw.esl_port) as parent:
-        status, answered = parent.api("POST", "/calls", {"route": "reminders", "to": "7310"})
+        status, answered = request(parent, "POST", "/calls", {"route": "reminders", "to": "7310"})
         assert status == 201, answered
         # placed by the worker that owns the route, under a uuid that worker owns
         assert owner(answered["id"], 2) == owner("reminders", 2)
         channel = wait_until(lambda: sw.channels.get(answered["id"]), 5, "the originated channel", parent)
         assert channel.wait_answered(5)
         wait_until(lambda: channel.ear.heard_seconds("broadcast:") >= 0.5, 10, "the callee to hear the echo")
-        assert parent.api("GET", f"/calls/{answered['id']}")[1]["state"] == "answered"
+        assert request(parent, "GET", f"/calls/{answered['id']}")[1]["state"] == "answered"
 
-        assert parent.api("POST", "/calls", {"route": "reminders", "to": "7320"})[0] == 201
-        status, refused = parent.api("POST", "/calls", {"route": "reminders", "to": "7321"})
+        assert request(parent, "POST", "/calls", {"route": "reminders", "to": "7320"})[0] == 201
+        status, refused = request(parent, "POST", "/calls", {"route": "reminders", "to": "7321"})
         assert status == 429 and "max_concurrent" in refused["error"]
-        assert {c["to"] for c in parent.api("GET", "/calls")[1]["calls"]} == {"7310", "7320"}
-        assert parent.api("DELETE", f"/calls/{answered['id']}")[0] == 202
-        wait_until(lambda: parent.api("GET", f"/calls/{answered['id']}")[1]["state"] == "ended", 10,
+        assert {c["to"] for c in request(parent, "GET", "/calls")[1]["calls"]} == {"7310", "7320"}
+        assert request(parent, "DELETE", f"/calls/{answered['id']}")[0] == 202
+        wait_until(lambda: request(parent, "GET", f"/calls/{answered['id']}")[1]["state"] == "ended", 10,
                    "the hung-up call to end")
-        assert parent.api("POST", "/calls", {"route": "reminders", "to": "7322"})[0] == 201
+        assert request(parent, "POST", "/calls", {"route": "reminders", "to": "7322"})[0] == 201
         wait_until(lambda: parent.total("forkbridge_outbound_calls_live", route="reminders") == 2, 5,
                    "two live outbound calls in the merged metrics")
         assert len([c for c in sw.commands_log if c.command == "originate"]) == 3
-        assert parent.api("GET", "/calls/nope")[0] == 404
+        assert request(parent, "GET", "/calls/nope")[0] == 404
         req = urllib.request.Request(f"http://127.0.0.1:{parent.api_port}/calls", method="GET")
         with pytest.raises(urllib.error.HTTPError) as refused_token:
             urllib.request.urlopen(req, timeout=5)

@@ -106,32 +106,41 @@ class Supervisor:
     def _keep(self, worker: Worker) -> None:
         """Run worker K for as long as the parent runs; restart it whenever it dies unasked."""
         while not self.stopping.is_set():
-            proc = self._spawn(worker)
-            status = proc.wait()
+            try:
+                proc = self._spawn(worker)
+            except OSError as exc:  # no process at all (out of memory, pids): tried again like a quick death
+                proc, how = None, f"could not be started ({exc})"
+            else:
+                how = describe_exit(proc.wait())
             worker.ready, worker.metrics_port, worker.api_port = False, None, None
+            pid = proc.pid if proc is not None else "-"
             if self.stopping.is_set():
-                log.info("worker %d (pid %d) stopped: %s", worker.index, proc.pid, describe_exit(status))
+                log.info("worker %d (pid %s) stopped: %s", worker.index, pid, how)
                 return
             lived = time.monotonic() - worker.started_at
             if lived >= STABLE_AFTER:
                 worker.backoff = 0.0
             worker.backoff = min(BACKOFF_MAX, worker.backoff * 2) if worker.backoff else BACKOFF_FIRST
             self.restarts += 1
-            log.error("worker %d (pid %d) died after %.0fs: %s; restarting it in %.0fs (its calls are picked up "
-                      "again by the new worker, or get their fallback from the orphan timer)", worker.index,
-                      proc.pid, lived, describe_exit(status), worker.backoff)
+            log.error("worker %d (pid %s) died after %.0fs: %s; restarting it in %.0fs (its calls are picked up "
+                      "again by the new worker, or get their fallback from the orphan timer)", worker.index, pid,
+                      lived, how, worker.backoff)
             self.stopping.wait(worker.backoff)
 
     def _spawn(self, worker: Worker) -> subprocess.Popen:
+        worker.started_at = time.monotonic()
         read_end, write_end = os.pipe()
         env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ONLY}
         command = [sys.executable, "-m", "controller.cli", "run", "--config", self.path,
                    "--worker", f"{worker.index}/{self.count}", "--report-fd", str(write_end)]
         try:
             proc = subprocess.Popen(command, env=env, pass_fds=(write_end,), stdin=subprocess.DEVNULL)
+        except OSError:
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)
-        worker.proc, worker.started_at = proc, time.monotonic()
+        worker.proc = proc
         log.info("worker %d started (pid %d)", worker.index, proc.pid)
         if self.stopping.is_set():  # SIGTERM came while it was being started: it drains like the others
             proc.send_signal(signal.SIGTERM)

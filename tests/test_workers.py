@@ -245,11 +245,14 @@ def test_sighup_reaches_both_workers_and_a_broken_file_neither(tmp_path):
     with FSim() as sw, node(tmp_path, sw.esl_port) as parent:
         config = tmp_path / "forkbridge.yaml"
         original = config.read_text()
-        config.write_text(original.replace('did: "7100"', 'did: ["7100", "7200"]'))
+        reloaded = original.replace('did: "7100"', 'did: ["7100", "7200"]')
+        config.write_text(reloaded.replace("workers: 2", "workers: 3"))
         parent.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: parent.total("forkbridge_config_reloads_total", result="ok") == 1, 10, "the reload",
                    parent)
         wait_until(lambda: parent.log.read_text().count("reloaded ") == 2, 10, "both workers to reload")
+        assert "daemon.workers changed from 2 to 3: that applies at the next restart" in parent.log.read_text()
+        assert parent.samples("forkbridge_workers") == [({}, 2.0)]
         added = place_spread(sw, 1, SHORT, did="7200")
         for call in added[0] + added[1]:  # the new DID answers on both workers
             wait_until(lambda c=call: c.ear.heard_seconds("broadcast:") >= 0.3, 10, "the new route's echo", parent)

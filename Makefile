@@ -38,12 +38,14 @@ demo: $(STAMP)
 
 # Load figures (CPU and memory per call, latencies): make bench [STEPS=50,100] [SECONDS=10] [N=10]
 # then, when a FreeSWITCH is found as for the tests, what callers hear on it (skipped with one line otherwise),
-# then forkbridge against bench/naive.py on it [LOAD_CALLS=20,40] [LOAD_SECONDS=20] (installs the bench extra)
+# then forkbridge against bench/naive.py on it [LOAD_CALLS=20,40] [LOAD_SECONDS=20] [LOAD_WORKERS=2]
+# (installs the bench extra)
 STEPS ?= 50,100,200,300,500
 SECONDS ?= 20
 N ?= 10
 LOAD_CALLS ?= 20,40,80
 LOAD_SECONDS ?= 30
+LOAD_WORKERS ?= 1
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
@@ -56,7 +58,7 @@ bench: $(BENCH_STAMP)
 
 # forkbridge against a naive bridge on a real switch, alone: CPU and memory per call, interleaved A B A B
 bench-load: $(BENCH_STAMP)
-	$(PY) bench/switchload.py --calls $(LOAD_CALLS) --seconds $(LOAD_SECONDS)
+	$(PY) bench/switchload.py --calls $(LOAD_CALLS) --seconds $(LOAD_SECONDS) --workers $(LOAD_WORKERS)
 
 # The real-switch part alone: N concurrent calls per playback mode, sample rate and engine pace
 bench-switch: $(STAMP)

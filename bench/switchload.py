@@ -19,6 +19,10 @@ figure. Per run: %/call = CPU % of one core / N; KiB/call = (RSS at the window's
 its first call) / N; kernel = the share of that CPU spent in system calls (stime); audio in = the caller audio
 the bridge received over the window as a share of real time (both must be ~1.0).
 
+`--workers N` runs forkbridge with `daemon.workers: N`: its CPU and RSS are then the parent's and every worker's
+together, and each run also reports each worker's own %/call (its CPU over the calls it owns: crc32 of the
+B leg's uuid, counted from `show channels`) and the parent's share.
+
 `--profile PATH-TO-PY-SPY` samples forkbridge with py-spy over its last window per mode and prints the top
 functions by own time and by total time (py-spy is a bench-only tool: `pip install py-spy`).
 Results are merged into bench/results.json under "switchload".
@@ -32,6 +36,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -51,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.run import HZ, PY, config_text, cpu_ticks, merge_results, read_line, rss_kib, stop  # noqa: E402
 from controller.esl import EslConnection  # noqa: E402
+from controller.shard import owner  # noqa: E402
 from fsim.audio import Silence, Tone  # noqa: E402
 from fsim.audio import write_wav as write_wav_file  # noqa: E402
 from tests.harness import free_ports  # noqa: E402
@@ -114,6 +120,12 @@ class Callers:
     def channels(self) -> int:
         return int((self.api("show channels count").split() or ["0"])[0] or 0)
 
+    def per_worker(self, workers: int) -> Counter[int]:
+        """forkbridge's calls (the B legs of DID 7100) by the worker that owns them."""
+        rows = json.loads(self.api("show channels as json") or "{}").get("rows") or []
+        legs = f"loopback/{DIDS['forkbridge']}-b"
+        return Counter(owner(row["uuid"], workers) for row in rows if row.get("name") == legs)
+
     def place(self, n: int, did: str) -> None:
         for _ in range(n):
             self.esl.send(f"bgapi originate loopback/{did}/public 'endless_playback:{self.wav}' inline")
@@ -133,7 +145,7 @@ class Callers:
 
 
 def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, seconds: float, rss0: int,
-            spy: str = "", folded: Path | None = None) -> dict[str, Any]:
+            spy: str = "", folded: Path | None = None, workers: int = 1) -> dict[str, Any]:
     """One run: n calls to one bridge; its CPU over the window, and its RSS at the window's end above `rss0`
     (its RSS before its first call: what n calls hold, whatever earlier runs left in its heap)."""
     callers.place(n, DIDS[bridge])
@@ -143,10 +155,16 @@ def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, sec
     if spy and folded is not None:
         profiler = subprocess.Popen([spy, "record", "--gil", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f",
                                      "raw", "-o", str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t1, c1, a1, k1 = time.time(), cpu_ticks(pid), audio_in_bytes(bridge, stat_port), system_ticks(pid)
+    procs = process_tree(pid)
+    owned = callers.per_worker(workers) if bridge == "forkbridge" and workers > 1 else Counter()
+    t1, a1 = time.time(), audio_in_bytes(bridge, stat_port)
+    ticks1 = {p: (cpu_ticks(p), system_ticks(p)) for p in procs}
     gevent.sleep(seconds)
-    t2, c2, a2, k2 = time.time(), cpu_ticks(pid), audio_in_bytes(bridge, stat_port), system_ticks(pid)
-    rss1 = rss_kib(pid)
+    t2, a2 = time.time(), audio_in_bytes(bridge, stat_port)
+    ticks2 = {p: (cpu_ticks(p), system_ticks(p)) for p in procs}
+    c1, k1 = (sum(t[i] for t in ticks1.values()) for i in (0, 1))
+    c2, k2 = (sum(t[i] for t in ticks2.values()) for i in (0, 1))
+    rss1 = sum(rss_kib(p) for p in procs)
     if profiler is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             profiler.wait(30)
@@ -154,11 +172,34 @@ def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, sec
     gevent.sleep(2.0)  # the bridge finishes its calls before the other one is measured
     span = t2 - t1
     cpu = 100.0 * (c2 - c1) / HZ / span
-    return {"bridge": bridge, "calls": n, "legs_up": legs, "window_s": round(span, 2),
-            "cpu_pct_total": round(cpu, 2), "cpu_pct_per_call": round(cpu / n, 4),
-            "rss_kib_per_call": round((rss1 - rss0) / n, 1),
-            "system_share": round((k2 - k1) / max(1, c2 - c1), 2),
-            "audio_in_ratio": round((a2 - a1) / (BYTES_PER_S * span * n), 3)}
+    result = {"bridge": bridge, "calls": n, "legs_up": legs, "window_s": round(span, 2),
+              "cpu_pct_total": round(cpu, 2), "cpu_pct_per_call": round(cpu / n, 4),
+              "rss_kib_per_call": round((rss1 - rss0) / n, 1),
+              "system_share": round((k2 - k1) / max(1, c2 - c1), 2),
+              "audio_in_ratio": round((a2 - a1) / (BYTES_PER_S * span * n), 3)}
+    if owned:
+        share = {p: 100.0 * (ticks2[p][0] - ticks1[p][0]) / HZ / span for p in procs}
+        result["parent_cpu_pct"] = round(share[pid], 2)
+        result["workers"] = [{"worker": k, "calls": owned[k], "cpu_pct": round(share[p], 2),
+                              "cpu_pct_per_call": round(share[p] / max(1, owned[k]), 4)}
+                             for p, k in worker_indexes(procs).items()]
+    return result
+
+
+def process_tree(pid: int) -> list[int]:
+    """The bridge's process and its children (the workers of a forkbridge parent)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(int(c) for c in children)]
+
+
+def worker_indexes(pids: list[int]) -> dict[int, int]:
+    """pid -> K of each `forkbridge run --worker K/N` among pids."""
+    found = {}
+    for p in pids:
+        args = Path(f"/proc/{p}/cmdline").read_bytes().decode().split("\0")
+        if "--worker" in args:
+            found[p] = int(args[args.index("--worker") + 1].partition("/")[0])
+    return dict(sorted(found.items(), key=lambda item: item[1]))
 
 
 def system_ticks(pid: int) -> int:
@@ -188,7 +229,7 @@ def top_entries(folded: Path, k: int = 12) -> dict[str, Any]:
 
 
 def run_mode(prefix: Path, mode: str, steps: list[int], reps: int, seconds: float, workdir: Path,
-             spy: str) -> dict[str, Any]:
+             spy: str, workers: int = 1) -> dict[str, Any]:
     mdir = workdir / mode
     mdir.mkdir(parents=True)
     naive_port, bridge_port, metrics_port, fake_port = free_ports(4)
@@ -214,8 +255,9 @@ def run_mode(prefix: Path, mode: str, steps: list[int], reps: int, seconds: floa
         read_line(procs["naive"], 20, "ready")
         cfg = mdir / "forkbridge.yaml"
         spool = mdir / "spool"
-        cfg.write_text(config_text(switch.esl_port, bridge_port, metrics_port, fake_port, str(spool),
-                                   password=PASSWORD, routes=ROUTE.format(playback=mode)))
+        text = config_text(switch.esl_port, 0 if workers > 1 else bridge_port, metrics_port, fake_port, str(spool),
+                           password=PASSWORD, routes=ROUTE.format(playback=mode))
+        cfg.write_text(text.replace("  shutdown_grace: 1s\n", f"  shutdown_grace: 1s\n  workers: {workers}\n"))
         log = open(mdir / "daemon.log", "w")  # noqa: SIM115 - closed once the daemon is stopped
         procs["forkbridge"] = subprocess.Popen([PY, "-m", "controller.cli", "run", "--config", str(cfg)], stdout=log,
                                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -228,19 +270,22 @@ def run_mode(prefix: Path, mode: str, steps: list[int], reps: int, seconds: floa
         callers = Callers(switch, wav)
         stat_ports = {"forkbridge": metrics_port, "naive": naive_port}
         gevent.sleep(1.0)
-        idle_rss = {bridge: rss_kib(procs[bridge].pid) for bridge in BRIDGES}
+        idle_rss = {bridge: sum(rss_kib(p) for p in process_tree(procs[bridge].pid)) for bridge in BRIDGES}
         for n in steps:
             for rep in range(reps):
                 for bridge in BRIDGES:
                     last = n == steps[-1] and rep == reps - 1 and bridge == "forkbridge"
                     folded = mdir / "forkbridge.folded" if last and spy else None
                     r = measure(bridge, procs[bridge].pid, stat_ports[bridge], callers, n, seconds,
-                                idle_rss[bridge], spy, folded)
+                                idle_rss[bridge], spy, folded, workers)
                     r.update(mode=mode, rep=rep)
                     runs.append(r)
                     print(f"  {mode:<9} {bridge:<10} {n:>4} calls rep {rep}: {r['cpu_pct_per_call']:.3f} %/call, "
                           f"{r['rss_kib_per_call']:.0f} KiB/call, audio in {r['audio_in_ratio']:.2f}, "
                           f"{r['legs_up']} up, kernel {r['system_share']:.0%} of it", flush=True)
+                    for w in r.get("workers", []):
+                        print(f"    worker {w['worker']}: {w['calls']} calls, {w['cpu_pct']:.1f} % of a core, "
+                              f"{w['cpu_pct_per_call']:.3f} %/call; parent {r['parent_cpu_pct']:.1f} %", flush=True)
                     if folded is not None and folded.exists():
                         profile = top_entries(folded)
         log.close()
@@ -298,6 +343,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="measured window per run")
     p.add_argument("--modes", default="broadcast,stream")
     p.add_argument("--profile", default="", help="path to py-spy: profile forkbridge's last window per mode")
+    p.add_argument("--workers", type=int, default=1, help="forkbridge's daemon.workers (default 1)")
     p.add_argument("--out", default=str(ROOT / "bench/results.json"))
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, configs, profiles)")
     args = p.parse_args()
@@ -320,7 +366,7 @@ def main() -> int:
                 print(f"{mode}: skipped, {prefix / MODES[mode]} missing", flush=True)
                 continue
             try:
-                result = run_mode(prefix, mode, steps, args.reps, args.seconds, workdir, args.profile)
+                result = run_mode(prefix, mode, steps, args.reps, args.seconds, workdir, args.profile, args.workers)
             except Exception as exc:  # one broken mode must not hide the other
                 print(f"{mode}: failed: {type(exc).__name__}: {exc}", flush=True)
                 results.append({"mode": mode, "error": f"{type(exc).__name__}: {exc}"})
@@ -332,7 +378,8 @@ def main() -> int:
             print(f"work dir kept: {workdir}", flush=True)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    merge_results(out, "switchload", {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "freeswitch": why,
+    merge_results(out, "switchload" if args.workers == 1 else f"switchload_workers_{args.workers}",
+                  {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "freeswitch": why, "workers": args.workers,
                                       "seconds": args.seconds, "reps": args.reps, "modes": results,
                                       "elapsed_s": round(time.monotonic() - started, 1)})
     print(f"took {time.monotonic() - started:.0f} s; wrote switchload into {out}", flush=True)

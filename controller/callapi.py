@@ -57,8 +57,13 @@ class CallApi(WsgiService):
         return _json(start_response, 405, {"error": "method not allowed"}, [("Allow", allow)])
 
     def _authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token)
+        return bearer_ok(header, self._token)
+
+
+def bearer_ok(header: str, token: bytes) -> bool:
+    """`Authorization: Bearer <api.token>`, compared in constant time."""
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
 
 def _placement(environ: dict[str, Any]) -> dict[str, Any]:
@@ -89,10 +94,15 @@ def _placement(environ: dict[str, Any]) -> dict[str, Any]:
 
 def _json(start_response: Callable[..., Any], status: int, body: dict[str, Any],
           headers: list[tuple[str, str]] | None = None) -> list[bytes]:
-    data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
+    return json_reply(start_response, status, (json.dumps(body, separators=(",", ":")) + "\n").encode(), headers)
+
+
+def json_reply(start_response: Callable[..., Any], status: int, data: bytes,
+               headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    """A JSON body already encoded (ours, or a worker's answer the parent passes on)."""
     reason = {200: "OK", 201: "Created", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
               404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 429: "Too Many Requests",
-              503: "Service Unavailable"}.get(status, "Error")
+              502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Error")
     start_response(f"{status} {reason}", [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
                                           ("Content-Length", str(len(data))), *(headers or [])])
     return [data]

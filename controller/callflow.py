@@ -27,6 +27,7 @@ from controller.esl import EslClient, EslError, Event
 from controller.logs import call_logger, register_secret, unregister_secret
 from controller.recording import EVENTS as RECORD_EVENTS
 from controller.recording import STOP_WAIT, Recording, recording_path
+from controller.shard import Shard
 
 log = logging.getLogger("forkbridge.controller")
 
@@ -47,8 +48,10 @@ HANGUP_RACE_WAIT = 1.5  # how long a fork close waits for the CHANNEL_HANGUP it 
 class Controller:
     def __init__(self, config: Config, esl: EslClient | None, tokens: TokenBook,
                  on_call_end: Callable[[Call], None] | None = None,
-                 observe: Callable[[Call, str, dict[str, Any]], None] | None = None) -> None:
+                 observe: Callable[[Call, str, dict[str, Any]], None] | None = None,
+                 shard: Shard | None = None) -> None:
         self.config = config
+        self.shard = shard or Shard()  # with workers: the calls this process takes (the others take theirs)
         self.esl = esl  # set by the daemon once built (the client needs our on_event)
         self.tokens = tokens
         self.calls = CallRegistry()
@@ -174,7 +177,7 @@ class Controller:
                      f"uuid_transfer {uuid} '{','.join(apps)}' inline")
 
     def _on_answer(self, event: Event) -> None:
-        if self.calls.get(event.uuid) is not None:
+        if self.calls.get(event.uuid) is not None or not self.shard.owns(event.uuid):
             return
         route = self._owned_route(event)
         if route is None:
@@ -580,7 +583,7 @@ class Controller:
             # only calls still parked by our dialplan: a transferred call is someone else's now
             # still in our park loop (whose last app may show as the playback we queued); a call someone else
             # transferred runs other apps, and one we handed over has its marker released
-            if self.calls.get(uuid) is not None or row.get("callstate") != "ACTIVE" \
+            if self.calls.get(uuid) is not None or not self.shard.owns(uuid) or row.get("callstate") != "ACTIVE" \
                     or row.get("application") not in ("park", "playback"):
                 continue
             try:

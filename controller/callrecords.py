@@ -161,7 +161,10 @@ class CallRecord:
 
 
 class CallRecordWriter:
-    """Appends records to `path`, one flushed line each; follows log rotation (reopens if the file was moved)."""
+    """Appends records to `path`, one line each; follows log rotation (reopens if the file was moved).
+
+    Each line is one write() on an O_APPEND descriptor, unbuffered: with several worker processes appending to
+    the same file, the kernel places every record whole at the end, so lines never interleave."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -171,12 +174,13 @@ class CallRecordWriter:
 
     def write(self, record: CallRecord) -> bool:
         """Append the record; False (logged) on an I/O error, so call teardown never fails because of a disk."""
-        line = record.to_json() + "\n"
+        line = (record.to_json() + "\n").encode()
         with self._lock:
             try:
                 self._ensure_open()
-                self._file.write(line)
-                self._file.flush()
+                written = self._file.write(line)
+                if written != len(line):  # a full disk: the kernel wrote what it could
+                    raise OSError(f"short write ({written} of {len(line)} bytes)")
                 return True
             except OSError as exc:
                 log.error("cannot write call record %s to %s: %s", record.uuid, self.path, exc)
@@ -203,7 +207,7 @@ class CallRecordWriter:
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, mode=0o750, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._file = os.fdopen(fd, "ab", buffering=0)
         st = os.fstat(fd)
         self._inode = (st.st_dev, st.st_ino)
 

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file")
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", "-c", required=True)
+    run.add_argument("--worker", help=argparse.SUPPRESS)  # K/N: started by the parent (controller.workers)
+    run.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)  # where the worker tells its ports
     call = sub.add_parser("call", help="place one outbound call through the running daemon")
     call.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="the daemon's config (for api.listen/token)")
     call.add_argument("--route", required=True)
@@ -72,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     monkey.patch_all()  # the one place the process is patched, before the daemon's modules load
     from controller.daemon import run_daemon
+    from controller.shard import Shard
 
-    return run_daemon(args.config)
+    return run_daemon(args.config, Shard.parse(args.worker) if args.worker else None, args.report_fd)
 
 
 def _client_command(args: argparse.Namespace) -> int:

@@ -90,6 +90,7 @@ class ApiConfig:
 class DaemonConfig:
     shutdown_grace: float = 20.0
     orphan_timeout: float = 60.0  # FreeSWITCH itself falls a call back this long after we stop vouching for it
+    workers: int = 1  # processes taking calls; more than 1: `forkbridge run` supervises them (controller.workers)
 
 
 @dataclass(frozen=True)
@@ -648,6 +649,19 @@ def _read_route(reader: _Reader, node: _Node, index: int, defaults: _Node | None
     return route
 
 
+def _read_workers(sec: _Section) -> int:
+    """daemon.workers: a count of processes, or `auto` for one per core."""
+    if not sec.has("workers"):
+        return 1
+    value = sec.items["workers"].value
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        sec.bad("workers", f"expected an integer of at least 1, or auto (one per core), got {value!r}")
+        return 1
+    return value
+
+
 def load_config(path: str, env: Mapping[str, str] | None = None) -> Config:
     """Load and validate; raises ConfigError listing every problem."""
     env = os.environ if env is None else env
@@ -702,9 +716,12 @@ def parse_config(text: str, path: str, env: Mapping[str, str]) -> Config:
     logging_cfg = LoggingConfig(level=lg.choice("level", "info", ("debug", "info", "warning", "error")),
                                 format=lg.choice("format", "text", ("text", "json")),
                                 call_records=lg.str("call_records"))
-    dm = top.section("daemon", ("shutdown_grace", "orphan_timeout"))
+    dm = top.section("daemon", ("shutdown_grace", "orphan_timeout", "workers"))
     daemon = DaemonConfig(shutdown_grace=dm.duration("shutdown_grace", 20.0),
-                          orphan_timeout=dm.duration("orphan_timeout", 60.0))
+                          orphan_timeout=dm.duration("orphan_timeout", 60.0), workers=_read_workers(dm))
+    if daemon.workers > 1 and bridge.listen_port and bridge.listen_port + daemon.workers - 1 > 65535:
+        br.bad("listen", f"worker K listens on this port + K: {bridge.listen_port} + {daemon.workers - 1} is "
+                         "past 65535")
     if dm.has("orphan_timeout") and 0 < daemon.orphan_timeout < 10:
         dm.bad("orphan_timeout", "use at least 10s (or 0 to turn the safety net off)")
 

@@ -8,6 +8,7 @@ what they started with; a broken file is refused and the old configuration stays
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -32,20 +33,25 @@ from controller.logs import configure_logging, register_secret
 from controller.metrics import OUTCOMES, Metrics
 from controller.outbound import Attempt, Dialer
 from controller.sdnotify import Notifier
+from controller.shard import Shard
 
 log = logging.getLogger("forkbridge")
 SPOOL_CHUNK = re.compile(r"[0-9A-Za-z-]{1,64}-\d{5}\.r(8|16)")  # what bridge.playback writes
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    """One process taking calls: the whole daemon, or with `daemon.workers` above 1 the worker `shard` (whose
+    config is already its own view of the file: Shard.config_for)."""
+
+    def __init__(self, config: Config, shard: Shard | None = None) -> None:
+        self.shard = shard or Shard()
         self.config = config
         self.metrics = Metrics()
         self.metrics.declare_routes((r.name, r.engine) for r in config.routes)
         self.tokens = TokenBook(config.bridge.token_secret, config.bridge.token_ttl)
         self.ended_calls: list[Call] = []
         self.controller = Controller(config, None, self.tokens, on_call_end=self._call_ended,
-                                     observe=self._observe)
+                                     observe=self._observe, shard=self.shard)
         esl = config.esl
         self.esl = EslClient(
             EslSettings(host=esl.host, port=esl.port, password=esl.password, command_timeout=esl.command_timeout,
@@ -61,7 +67,7 @@ class Daemon:
                                    on_refused=self.metrics.ws_refused)
         self.http = HttpApi(config.metrics.listen_host, config.metrics.listen_port, self.metrics, self.ready)
         self.dialer = Dialer(lambda: self.config, self.esl, changed=self._attempt_changed,
-                             accepting=lambda: not self._shutting_down)
+                             accepting=lambda: not self._shutting_down, new_uuid=self.shard.new_uuid)
         self.controller.dialer = self.dialer
         api = config.api
         self.call_api = CallApi(api.listen_host, api.listen_port, api.token, self.dialer) if api.token else None
@@ -182,10 +188,11 @@ class Daemon:
                 self.controller.keep_vouching()
 
     def _clean_spool(self) -> None:
-        """Chunks left by a daemon that died mid-call: no call of ours can play them any more."""
+        """Chunks left by a daemon that died mid-call: no call of ours can play them any more. A worker
+        removes only its own calls' chunks: the other workers' live calls are still playing theirs."""
         spool = self.config.bridge.spool_dir
         for name in os.listdir(spool):
-            if SPOOL_CHUNK.fullmatch(name):
+            if SPOOL_CHUNK.fullmatch(name) and self.shard.owns(name.rsplit("-", 1)[0]):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(spool, name))
 
@@ -201,12 +208,14 @@ class Daemon:
     def reload(self, path: str) -> bool:
         self.notifier.reloading()
         try:
-            new = load_config(path)
+            new = self.shard.config_for(load_config(path))
         except ConfigError as exc:
             log.error("reload refused, keeping the running configuration:\n%s", exc)
             self.metrics.config_reloaded(False)
             self.notifier.ready("reload refused; running configuration kept")
             return False
+        if self.shard.sole and new.daemon.workers != self.config.daemon.workers:  # (a worker's parent says it)
+            log.warning("daemon.workers changed to %d: that applies at the next restart", new.daemon.workers)
         for secret in new.secrets:
             register_secret(secret)
         if self.records is not None:
@@ -276,19 +285,41 @@ class AudioCounters:
                 self.metrics.audio(direction, nbytes, frames)
 
 
-def run_daemon(path: str) -> int:
+def run_daemon(path: str, shard: Shard | None = None, report_fd: int | None = None) -> int:
+    """`forkbridge run`: the daemon itself, or with `daemon.workers` above 1 the parent of that many workers;
+    a worker (`shard` given) tells the parent its private ports on `report_fd`."""
     try:
         config = load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    configure_logging(config.logging.level, config.logging.format, config.secrets)
-    daemon = Daemon(config)
+    if shard is None and config.daemon.workers > 1:
+        from controller.workers import run_supervisor
+
+        return run_supervisor(path, config)
+    shard = shard or Shard()
+    config = shard.config_for(config)
+    configure_logging(config.logging.level, config.logging.format, config.secrets,
+                      worker="" if shard.sole else str(shard.index))
+    daemon = Daemon(config, shard)
     daemon.start()
+    if report_fd is not None:
+        report_ports(report_fd, daemon)
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(daemon.shutdown))
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(daemon.shutdown))
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(daemon.reload, path))
+    if not shard.sole:
+        from controller.workers import drain_when_orphaned
+
+        drain_when_orphaned()
     daemon.stopped.wait()
     log.info("stopped")
     return 0
+
+
+def report_ports(fd: int, daemon: Daemon) -> None:
+    """One JSON line to the parent: where this worker's metrics and call API answer."""
+    api = daemon.call_api.port if daemon.call_api is not None else None
+    with open(fd, "w", encoding="utf-8") as pipe:
+        pipe.write(json.dumps({"metrics": daemon.http.port, "api": api}) + "\n")

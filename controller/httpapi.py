@@ -13,7 +13,7 @@ from typing import Any
 
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
-from prometheus_client import make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from controller.metrics import Metrics
 
@@ -69,10 +69,12 @@ class HttpApi(WsgiService):
 
     what = "http endpoint (/metrics /healthz /readyz)"
 
-    def __init__(self, host: str, port: int, metrics: Metrics, ready: ReadyCheck, max_clients: int = 32) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics | CollectorRegistry, ready: ReadyCheck,
+                 max_clients: int = 32) -> None:
+        """`metrics`: a daemon's Metrics, or a registry of its own (the parent of workers: the merged series)."""
         super().__init__(host, port, max_clients)
         self._ready = ready
-        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._metrics_app = make_wsgi_app(metrics if isinstance(metrics, CollectorRegistry) else metrics.registry)
 
     # ---- WSGI
 

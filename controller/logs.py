@@ -118,7 +118,7 @@ def call_logger(uuid: str, did: str | None = None, name: str = "forkbridge.call"
     return CallLogger(logging.getLogger(name), extra)
 
 
-_CONTEXT_KEYS = ("call_uuid", "did", "route")
+_CONTEXT_KEYS = ("call_uuid", "did", "route", "worker")
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
@@ -194,9 +194,22 @@ def _to_journald(stream: Any) -> bool:
     return value == f"{st.st_dev}:{st.st_ino}"
 
 
+class _WorkerTag(logging.Filter):
+    """Stamps every line of a worker process with its number (`worker=K` in text, "worker" in JSON)."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
 def configure_logging(level: str | int = "info", fmt: str = "text", secrets: Iterable[str] = (),
-                      stream: Any = None) -> logging.Handler:
-    """Install the one root handler (replacing the one a previous call installed); returns it."""
+                      stream: Any = None, worker: str = "") -> logging.Handler:
+    """Install the one root handler (replacing the one a previous call installed); returns it. `worker`: the
+    number of a worker process (daemon.workers above 1), on each of its lines."""
     global _handler
     for value in secrets:
         register_secret(value)
@@ -206,6 +219,8 @@ def configure_logging(level: str | int = "info", fmt: str = "text", secrets: Ite
     journald = _to_journald(handler.stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(journald))
     handler.addFilter(RedactingFilter())
+    if worker:
+        handler.addFilter(_WorkerTag(worker))
     root = logging.getLogger()
     if _handler is not None:
         root.removeHandler(_handler)

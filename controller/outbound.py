@@ -88,8 +88,10 @@ class Dialer:
     is the running configuration, so a SIGHUP's new routes apply to the next call placed."""
 
     def __init__(self, config: Callable[[], Config], esl: EslClient,
-                 changed: Callable[[Attempt], None] | None = None, accepting: Callable[[], bool] | None = None) -> None:
+                 changed: Callable[[Attempt], None] | None = None, accepting: Callable[[], bool] | None = None,
+                 new_uuid: Callable[[], str] | None = None) -> None:
         self._config = config
+        self._new_uuid = new_uuid or (lambda: str(uuidlib.uuid4()))  # a worker's: one it owns (controller.shard)
         self.esl = esl
         self._changed = changed or (lambda _attempt: None)
         self._accepting = accepting or (lambda: True)
@@ -128,7 +130,7 @@ class Dialer:
         if self.live(route.name) >= policy.max_concurrent:
             raise OutboundError(429, f"route {route.name!r} has {policy.max_concurrent} outbound call(s) already "
                                      "(outbound.max_concurrent)")
-        attempt = Attempt(id=str(uuidlib.uuid4()), route=route.name, to=to, context=context, variables=variables)
+        attempt = Attempt(id=self._new_uuid(), route=route.name, to=to, context=context, variables=variables)
         self.attempts[attempt.id] = attempt
         self._forget_old()
         log.info("placing a call to %s on route %s (%s)", to, route.name, attempt.id)

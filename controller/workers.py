@@ -6,7 +6,8 @@ metrics and call API on private loopback ports that it reports on a pipe when it
 call itself; it
 
 - starts the workers (`forkbridge run --worker K/N`, a fresh interpreter each: no fork of a gevent hub) and
-  restarts one that dies, after 1 s, doubling to 30 s while it keeps dying quickly. Its calls are picked up by
+  restarts one that dies, after 1 s, doubling to 30 s while it keeps dying quickly (a SIGHUP whose file loads
+  starts it at once). Its calls are picked up by
   the restarted worker's resync (they are still parked and marked as ours); if it cannot come back, each call's
   orphan timer in FreeSWITCH gives it its fallback;
 - is the only one talking to systemd (READY=1 once every worker is ready, watchdog pings while workers live);
@@ -30,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gevent
 import gevent.event
@@ -67,6 +68,7 @@ class Worker:
     ready: bool = False
     started_at: float = 0.0
     backoff: float = 0.0
+    wake: gevent.event.Event = field(default_factory=gevent.event.Event)  # a reload ends its restart backoff
 
     @property
     def alive(self) -> bool:
@@ -125,7 +127,8 @@ class Supervisor:
             log.error("worker %d (pid %s) died after %.0fs: %s; restarting it in %.0fs (its calls are picked up "
                       "again by the new worker, or get their fallback from the orphan timer)", worker.index, pid,
                       lived, how, worker.backoff)
-            self.stopping.wait(worker.backoff)
+            worker.wake.clear()
+            gevent.wait([self.stopping, worker.wake], timeout=worker.backoff, count=1)
 
     def _spawn(self, worker: Worker) -> subprocess.Popen:
         worker.started_at = time.monotonic()
@@ -206,6 +209,9 @@ class Supervisor:
         for worker in self.workers:
             if worker.alive:
                 worker.proc.send_signal(signal.SIGHUP)
+            else:  # dead and waiting out its backoff (e.g. the file it failed on was just fixed): start it now
+                log.info("worker %d is down: starting it now with the reloaded file", worker.index)
+                worker.wake.set()
         self.notifier.ready(f"reloaded: {len(new.routes)} route(s)")
         log.info("reload of %s forwarded to %d worker(s)", self.path, self.live())
         return True

@@ -352,7 +352,7 @@ def test_a_worker_owns_exactly_the_uuids_that_hash_to_it():
 
 def test_a_worker_that_cannot_come_back_leaves_its_callers_to_the_orphan_timer(tmp_path):
     """Worker 1 is killed and its restarts fail (the file broke meanwhile): FreeSWITCH's own timer gives its
-    callers their fallback; worker 0's callers carry on. Once the file is fixed the worker comes back."""
+    callers their fallback; worker 0's callers carry on. Once the file is fixed and reloaded the worker comes back."""
     with FSim() as sw, node(tmp_path, sw.esl_port) as parent:
         calls = place_spread(sw, 1, TALKING)
         wait_until(lambda: all(connected(c) for c in calls[0] + calls[1]), 10, "every call forked", parent)
@@ -366,7 +366,9 @@ def test_a_worker_that_cannot_come_back_leaves_its_callers_to_the_orphan_timer(t
             assert call.transferred_to.startswith("1000")
         for call in calls[0]:
             assert call.transferred_to is None and call.alive and forks(call)[0].state == "connected"
-        config.write_text(good)
+        config.write_text(good)  # and reloaded: the worker waiting out its restart backoff starts at once
+        parent.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "worker 1 is down: starting it now" in parent.log.read_text(), 10, "the reload", parent)
         wait_until(lambda: parent.get("/readyz")[0] == 200, 40, "worker 1 back once the file is fixed", parent)
         later = place_spread(sw, 1, SHORT)
         for call in later[1]:

@@ -108,7 +108,7 @@ def _engine(daemon, uuid):
 @pytest.mark.parametrize("mode", ["notice", "eof", "mid_body"])
 def test_esl_drop_mid_call_reconnects_and_the_call_goes_on(tmp_path, mode):
     with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
-        call = sw.place_call(did="7100", script=CallerScript(audio=Tone(440, 1.0) + Silence(12.0), hangup_after=8.0))
+        call = sw.place_call(did="7100", script=CallerScript(audio=Tone(440, 1.0) + Silence(12.0), hangup_after=4.5))
         wait_until(lambda: call.fork is not None and call.fork.connected.is_set(), what="the fork")
         assert sw.faults.drop_esl(mode) == 1
         wait_until(lambda: daemon.esl.reconnects >= 1 and daemon.esl.connected, what="the reconnect")

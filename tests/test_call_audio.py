@@ -25,7 +25,7 @@ def test_tone_comes_back_at_440_hz(tmp_path, rate, playback):
     with FSim(fork_build=build) as sw:
         config = load(write_config(tmp_path, sw.esl_port, ECHO_ROUTE.format(rate=rate, playback=playback)))
         with running_daemon(config):
-            script = CallerScript(audio=Tone(440, 1.0) + Silence(6.0), hangup_after=6.0)
+            script = CallerScript(audio=Tone(440, 1.0) + Silence(6.0), hangup_after=4.5)
             call = sw.place_call(did="7100", script=script, rate=rate)
             assert call.wait_answered(5)
             source = "stream" if playback == "stream" else "broadcast:"

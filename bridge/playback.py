@@ -391,9 +391,6 @@ class StreamPlayer(Player):
     """
 
     LEAD_MS = 60
-    # a reply's first message waits this long after its first audio (see _drain_buffer): one later batch of the
-    # module's (640 x factor samples at the stream's rate is 80 ms at any factor)
-    START_AFTER_S = 0.08
 
     def __init__(self, send_binary: Callable[[bytes], None], send_text: Callable[[str], None], rate: int,
                  codec_rate: int = 0, **callbacks) -> None:
@@ -408,6 +405,9 @@ class StreamPlayer(Player):
         self._resampled = rate != (codec_rate or 8000)
         self._later_batch_bytes = 640 * factor * 2
         self._batch_bytes = 1280 * factor * 2  # the module's threshold for the next message
+        # a reply's first message waits one later batch after its first audio (see _drain_buffer): 80 ms on an
+        # 8 kHz channel, 40 ms on a 16 kHz one
+        self._start_after_s = self._ms(self._later_batch_bytes) / 1000.0
         self._queue: list[tuple[str, bytes]] = []
         self._buffer = bytearray()
         self._buffer_response = ""
@@ -450,7 +450,7 @@ class StreamPlayer(Player):
         batch less a piece of what the engine has sent (100 ms pieces in 80 ms batches: 20, 40, 60, 0 ms), so an
         engine at exactly real time leaves a hole wherever what is held back exceeds the lead FreeSWITCH was
         given (measured with a 40 ms lead: a 20 ms hole in 16-20 of 30 replies). A reply's first message therefore
-        waits START_AFTER_S (one later batch) after its first audio, unless the engine is already ahead of real
+        waits one later batch after its first audio, unless the engine is already ahead of real
         time by a batch and a piece (its advance just before its next piece still covers what is held back).
         Messages stay exactly one threshold long: larger ones (the whole buffer at once) were heard with holes
         and left audio behind a killAudio on the real switch."""
@@ -459,7 +459,7 @@ class StreamPlayer(Player):
             elapsed = time.monotonic() - self._first_audio.get(response, time.monotonic())
             ahead_ms = self.received_ms.get(response, 0.0) - elapsed * 1000.0
             running_ahead = ahead_ms >= self._ms(self._later_batch_bytes) + self._largest_ms
-            wait = 0.0 if running_ahead else self.START_AFTER_S - elapsed
+            wait = 0.0 if running_ahead else self._start_after_s - elapsed
             if wait > 0 or len(self._buffer) < self._batch_bytes:
                 if wait > 0 and (self._start_timer is None or self._start_timer.dead
                                  or self._start_timer.args != (response,)):

@@ -26,6 +26,8 @@ from controller.shard import owner
 
 log = logging.getLogger("forkbridge.api")
 FORWARD_TIMEOUT = 10.0
+# the workers are on loopback: never through an http_proxy from the environment (it would get the bearer token)
+TO_WORKER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ApiRouter(WsgiService):
@@ -48,6 +50,9 @@ class ApiRouter(WsgiService):
                               [("WWW-Authenticate", 'Bearer realm="forkbridge"')])
         if len(parts) == 1 and method == "GET":
             return self._list(environ, start_response)
+        if len(parts) == 1 and method != "POST":
+            return json_reply(start_response, 405, _message(f"{method} is not allowed on /calls"),
+                              [("Allow", "GET, POST")])
         body = b""
         if len(parts) == 1 and method == "POST":
             body = _read_body(environ)
@@ -80,7 +85,7 @@ class ApiRouter(WsgiService):
         if body:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=FORWARD_TIMEOUT) as reply:
+            with TO_WORKER.open(request, timeout=FORWARD_TIMEOUT) as reply:
                 status, data, headers = reply.status, reply.read(), reply.headers
         except urllib.error.HTTPError as exc:
             status, data, headers = exc.code, exc.read(), exc.headers

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return check_config(args.file)
     if args.command in ("call", "campaign"):
         return _client_command(args)
+    if args.worker:
+        from controller.workers import supervised
+
+        supervised()  # before anything else: a worker never outlives its parent
     from gevent import monkey
 
     monkey.patch_all()  # the one place the process is patched, before the daemon's modules load

@@ -304,15 +304,11 @@ def run_daemon(path: str, shard: Shard | None = None, report_fd: int | None = No
                       worker="" if shard.sole else str(shard.index))
     daemon = Daemon(config, shard)
     daemon.start()
-    if report_fd is not None:
-        report_ports(report_fd, daemon)
     gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(daemon.shutdown))
     gevent.signal_handler(signal.SIGINT, lambda: gevent.spawn(daemon.shutdown))
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(daemon.reload, path))
-    if not shard.sole:
-        from controller.workers import drain_when_orphaned
-
-        drain_when_orphaned()
+    if report_fd is not None:  # only now: the parent sends a worker SIGHUP once it has reported
+        report_ports(report_fd, daemon)
     daemon.stopped.wait()
     log.info("stopped")
     return 0

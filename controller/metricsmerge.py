@@ -13,8 +13,10 @@ the per-route gauges (calls active, outbound calls live: a call lives in one wor
   parent counts those refusals itself.
 - `*_created`: min, the earliest creation (a sum of timestamps means nothing).
 
-A worker that does not answer a scrape (restarting) is left out of it: its counters fall back to zero when it
-comes back, which Prometheus' rate() reads as a counter reset, as for any restarted process.
+A worker that does not answer a scrape (slow, restarting) is represented by its last exposition; what a worker
+that died had counted is carried and added to its successor's (controller.workers.carry_counters). So the node's
+counters never go down while its processes come and go: a drop would be read by Prometheus' rate() as a reset,
+and every other worker's whole total counted again.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ MIN_FAMILIES = frozenset({"forkbridge_esl_connected"})
 MAX_FAMILIES = frozenset({"forkbridge_config_reloads"})
 
 
+Key = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name and sorted labels
+MONOTONIC = frozenset({"counter", "histogram", "summary"})
+
+
 def merge(expositions: Iterable[str], extra: Iterable[Metric] = ()) -> list[Metric]:
     """The families of every exposition, samples with the same name and labels combined (see the module's
-    docstring); `extra` (the parent's own families) is merged the same way."""
+    docstring); `extra` (the parent's own families, and the counts carried from dead workers) is merged the
+    same way."""
     families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    values: dict[str, dict[Key, float]] = {}
     sources = [text_string_to_metric_families(text) for text in expositions]
     for family in (f for source in (*sources, extra) for f in source):
         merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
@@ -49,9 +56,22 @@ def merge(expositions: Iterable[str], extra: Iterable[Metric] = ()) -> list[Metr
     return list(families.values())
 
 
+def counters(exposition: str) -> list[Metric]:
+    """The families of an exposition that only ever grow (counters, histograms, summaries), without their
+    `*_created` samples: what a worker that died had counted."""
+    kept = []
+    for family in text_string_to_metric_families(exposition) if exposition else ():
+        if family.type in MONOTONIC:
+            grown = Metric(family.name, family.documentation, family.type)
+            grown.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            kept.append(grown)
+    return kept
+
+
 def _combine(family: str, sample: str, old: float, new: float) -> float:
     if family in MIN_FAMILIES or sample.endswith("_created"):
         return min(old, new)
     if family in MAX_FAMILIES:
         return max(old, new)
     return old + new
+

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -40,12 +41,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from controller.apirouter import ApiRouter
+from controller.apirouter import TO_WORKER, ApiRouter
 from controller.callflow import PROMPT_WAIT
 from controller.config import Config, ConfigError, load_config
 from controller.httpapi import HttpApi
 from controller.logs import configure_logging, register_secret
-from controller.metricsmerge import merge
+from controller.metricsmerge import counters, merge
 from controller.sdnotify import Notifier
 
 log = logging.getLogger("forkbridge.workers")
@@ -56,6 +57,7 @@ REPORT_TIMEOUT = 60.0  # the longest a worker may take to say where it listens
 POLL_INTERVAL = 0.5  # how often the parent asks each worker's /readyz
 SCRAPE_TIMEOUT = 2.0
 PR_SET_PDEATHSIG = 1  # prctl(2)
+PARENT_PID_ENV = "FORKBRIDGE_PARENT_PID"
 _SYSTEMD_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")  # the parent's alone
 
 
@@ -69,6 +71,9 @@ class Worker:
     started_at: float = 0.0
     backoff: float = 0.0
     wake: gevent.event.Event = field(default_factory=gevent.event.Event)  # a reload ends its restart backoff
+    reload_pending: bool = False  # a SIGHUP came before this worker could take one: sent once it reports
+    exposition: str = ""  # its last /metrics, used while it does not answer a scrape
+    carried: list[Metric] = field(default_factory=list)  # what its dead predecessors counted (carry_counters)
 
     @property
     def alive(self) -> bool:
@@ -115,6 +120,7 @@ class Supervisor:
             else:
                 how = describe_exit(proc.wait())
             worker.ready, worker.metrics_port, worker.api_port = False, None, None
+            carry_counters(worker)
             pid = proc.pid if proc is not None else "-"
             if self.stopping.is_set():
                 log.info("worker %d (pid %s) stopped: %s", worker.index, pid, how)
@@ -127,13 +133,14 @@ class Supervisor:
             log.error("worker %d (pid %s) died after %.0fs: %s; restarting it in %.0fs (its calls are picked up "
                       "again by the new worker, or get their fallback from the orphan timer)", worker.index, pid,
                       lived, how, worker.backoff)
-            worker.wake.clear()
             gevent.wait([self.stopping, worker.wake], timeout=worker.backoff, count=1)
 
     def _spawn(self, worker: Worker) -> subprocess.Popen:
         worker.started_at = time.monotonic()
+        worker.wake.clear()  # a reload from here on reaches the new process (reload_pending)
         read_end, write_end = os.pipe()
         env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ONLY}
+        env[PARENT_PID_ENV] = str(os.getpid())  # the worker exits at once if it outlived us before it could tell
         command = [sys.executable, "-m", "controller.cli", "run", "--config", self.path,
                    "--worker", f"{worker.index}/{self.count}", "--report-fd", str(write_end)]
         try:
@@ -160,7 +167,12 @@ class Supervisor:
             if proc.poll() is None:
                 log.error("worker %d (pid %d) never said where it listens", worker.index, proc.pid)
             return
+        if worker.proc is not proc or proc.poll() is not None:
+            return  # it reported and died at once: its ports are nobody's
         worker.metrics_port, worker.api_port = ports.get("metrics"), ports.get("api")
+        if worker.reload_pending:  # a SIGHUP came while it was starting (it had read the file before, or not)
+            worker.reload_pending = False
+            proc.send_signal(signal.SIGHUP)
         while worker.proc is proc and proc.poll() is None:
             worker.ready = _get(worker.metrics_port, "/readyz", 1.0) is not None
             gevent.sleep(POLL_INTERVAL)
@@ -182,12 +194,19 @@ class Supervisor:
         self.notifier.ready(f"{self.count} workers ready")
         self.notifier.start_watchdog(lambda: self.live() > 0 and not self.stopping.is_set())
 
-    def scrape(self) -> list[str]:
-        """Every answering worker's exposition, asked in parallel."""
-        ports = [w.metrics_port for w in self.workers if w.metrics_port is not None]
-        jobs = [gevent.spawn(_get, port, "/metrics", SCRAPE_TIMEOUT) for port in ports]
+    def scrape(self) -> tuple[list[str], bool]:
+        """Every worker's exposition, asked in parallel; a worker that does not answer (restarting, slow) is
+        represented by its last one, so no summed counter ever goes down between two scrapes. Also whether
+        every worker answered."""
+        jobs = [gevent.spawn(_get, w.metrics_port, "/metrics", SCRAPE_TIMEOUT) for w in self.workers]
         gevent.joinall(jobs, timeout=SCRAPE_TIMEOUT + 1)
-        return [job.value for job in jobs if job.value is not None]
+        answered = True
+        for worker, job in zip(self.workers, jobs, strict=True):
+            if job.value is not None:
+                worker.exposition = job.value
+            else:
+                answered = False
+        return [w.exposition for w in self.workers if w.exposition], answered
 
     # ---- signals
 
@@ -206,9 +225,12 @@ class Supervisor:
                         new.daemon.workers)
         for secret in new.secrets:
             register_secret(secret)
+        self.config = dataclasses.replace(new, daemon=dataclasses.replace(new.daemon, workers=self.count))
         for worker in self.workers:
-            if worker.alive:
+            if worker.alive and worker.metrics_port is not None:
                 worker.proc.send_signal(signal.SIGHUP)
+            elif worker.alive:  # still starting: SIGHUP would end it before it has a handler
+                worker.reload_pending = True
             else:  # dead and waiting out its backoff (e.g. the file it failed on was just fixed): start it now
                 log.info("worker %d is down: starting it now with the reloaded file", worker.index)
                 worker.wake.set()
@@ -265,7 +287,18 @@ class _MergedWorkers:
                                           "error).", labels=["result"])
             refused.add_metric(["error"], sup.reloads_refused)
             own.append(refused)
-        return merge(sup.scrape(), own)
+        expositions, answered = sup.scrape()
+        if not answered or sup.live() < sup.count:  # a worker down is calls nobody takes: not connected
+            own.append(GaugeMetricFamily("forkbridge_esl_connected", "", value=0))
+        return merge(expositions, [*own, *(family for w in sup.workers for family in w.carried)])
+
+
+def carry_counters(worker: Worker) -> None:
+    """A worker died: its counters restart from zero in the next process. What the dead one had counted (its
+    last exposition) is carried and added to the new one's, so the node's counters never go down: Prometheus
+    would take a drop for a reset and count the other workers' whole totals again in rate()."""
+    worker.carried = merge([], [*worker.carried, *counters(worker.exposition)])
+    worker.exposition = ""
 
 
 def _read_report(fd: int) -> dict[str, int | None] | None:
@@ -290,17 +323,24 @@ def _get(port: int | None, path: str, timeout: float) -> str | None:
     if port is None:
         return None
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as reply:
+        with TO_WORKER.open(f"http://127.0.0.1:{port}{path}", timeout=timeout) as reply:
             return reply.read().decode()
     except (urllib.error.URLError, OSError, ValueError):
         return None
 
 
-def drain_when_orphaned() -> None:
-    """In a worker: a parent that dies without forwarding SIGTERM (SIGKILL, a crash) sends it anyway (Linux's
-    PR_SET_PDEATHSIG), so no worker goes on taking calls with nobody supervising it: it drains and exits."""
+def supervised() -> None:
+    """First thing in a worker. A parent that dies without forwarding SIGTERM (SIGKILL, a crash) sends it anyway
+    (Linux's PR_SET_PDEATHSIG), so no worker goes on taking calls with nobody supervising it: it drains and exits
+    (before its handlers are installed, SIGTERM just ends it: it has no call yet). A parent that died before
+    that was set is seen in getppid(). SIGHUP is ignored until the worker's own handler is in place: the parent
+    sends it only to workers that have reported, and a reload meanwhile once they do."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    expected = os.environ.get(PARENT_PID_ENV, "")
+    if expected.isdigit() and os.getppid() != int(expected):
+        raise SystemExit("forkbridge worker: its parent is gone; exiting")
 
 
 def describe_exit(status: int) -> str:

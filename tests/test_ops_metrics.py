@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.metrics import OTHER, Metrics
@@ -187,8 +188,6 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
 
 
 def test_audio_counted_per_frame_is_all_in_the_next_scrape():
-    from prometheus_client import generate_latest
-
     from controller.daemon import AudioCounters
 
     m = Metrics()
@@ -203,3 +202,31 @@ def test_audio_counted_per_frame_is_all_in_the_next_scrape():
     # /metrics renders the registry itself (prometheus-client's WSGI app): the same counts
     assert 'forkbridge_audio_frames_total{direction="in"} 504.0' in generate_latest(m.registry).decode()
     assert value(m, "forkbridge_audio_bytes_total", direction="out") == 1280
+
+
+def test_a_node_of_workers_never_counts_backwards_when_one_dies():
+    """The parent's merged /metrics: a worker that died hands what it had counted to its successor (counters and
+    histograms only: its calls_active is gone with it), so no counter of the node ever goes down."""
+    from controller.metricsmerge import counters, merge
+
+    def worker(calls: int, active: int, esl: int) -> str:
+        """One worker's /metrics as prometheus-client writes it."""
+        registry = CollectorRegistry()
+        Counter("forkbridge_calls", "", ["route"], registry=registry).labels("a").inc(calls)
+        Gauge("forkbridge_calls_active", "", ["route"], registry=registry).labels("a").set(active)
+        Gauge("forkbridge_esl_connected", "", registry=registry).set(esl)
+        return generate_latest(registry).decode()
+
+    def value(families, name):
+        return [s.value for f in families for s in f.samples if s.name == name]
+
+    before = merge([worker(100, 3, 1), worker(50, 2, 1)])
+    assert value(before, "forkbridge_calls_total") == [150] and value(before, "forkbridge_calls_active") == [5]
+    assert value(before, "forkbridge_esl_connected") == [1]
+    carried = counters(worker(50, 2, 1))  # worker 1 died; its successor starts from zero
+    assert [f.name for f in carried] == ["forkbridge_calls"]
+    after = merge([worker(104, 3, 1), worker(2, 1, 0)], carried)
+    assert value(after, "forkbridge_calls_total") == [156]  # 104 + 2 + the 50 the dead one had counted
+    assert value(after, "forkbridge_calls_active") == [4]
+    assert value(after, "forkbridge_esl_connected") == [0]  # the lowest: one worker is not connected
+    assert len(value(after, "forkbridge_calls_created")) == 1  # the earliest stamp, not a sum

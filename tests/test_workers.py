@@ -218,9 +218,11 @@ def test_a_killed_worker_is_restarted_and_its_callers_picked_up_while_the_others
         wait_until(lambda: all(c.ear.heard_seconds("broadcast:") >= 0.3 for c in everyone), 10, "every echo")
         victim = parent.worker_pid(1)
         heard_before = {c.uuid: c.ear.heard_seconds("broadcast:") for c in calls[1]}
+        frames = [parent.total("forkbridge_audio_frames_total")]  # what the node counted, scrape after scrape
 
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: parent.get("/readyz")[0] == 503, 5, "the node not ready while a worker is down", parent)
+        frames.append(parent.total("forkbridge_audio_frames_total"))
         wait_until(lambda: parent.total("forkbridge_worker_restarts_total") == 1, 15, "the restart counted", parent)
         wait_until(lambda: parent.worker_pid(1) != victim, 15, "a new worker 1", parent)
         wait_until(lambda: parent.get("/readyz")[0] == 200, 15, "both workers ready again", parent)
@@ -234,6 +236,9 @@ def test_a_killed_worker_is_restarted_and_its_callers_picked_up_while_the_others
         for call in calls[0]:
             assert len(forks(call)) == 1 and forks(call)[0].state == "connected"
             assert call.transferred_to is None and call.alive
+        # the dead worker's frames still count (a counter that went down would be a reset to Prometheus)
+        frames.append(parent.total("forkbridge_audio_frames_total"))
+        assert frames == sorted(frames) and frames[0] > 0, frames
         log = parent.log.read_text()
         assert re.search(rf"worker 1 \(pid {victim}\) died after \d+s: killed by SIGKILL", log), log[-2000:]
         assert "answered while ESL was down: picking it up" in log
@@ -298,6 +303,7 @@ def test_outbound_calls_go_through_the_parent_and_the_route_cap_holds_across_wor
                    "two live outbound calls in the merged metrics")
         assert len([c for c in sw.commands_log if c.command == "originate"]) == 3
         assert request(parent, "GET", "/calls/nope")[0] == 404
+        assert request(parent, "DELETE", "/calls")[0] == 405
         req = urllib.request.Request(f"http://127.0.0.1:{parent.api_port}/calls", method="GET")
         with pytest.raises(urllib.error.HTTPError) as refused_token:
             urllib.request.urlopen(req, timeout=5)
@@ -361,6 +367,7 @@ def test_a_worker_that_cannot_come_back_leaves_its_callers_to_the_orphan_timer(t
         config.write_text(good.replace("engine: echo", "engine: nowhere"))
         os.kill(parent.worker_pid(1), signal.SIGKILL)
         wait_until(lambda: parent.total("forkbridge_worker_restarts_total") >= 2, 15, "a failed restart", parent)
+        assert parent.total("forkbridge_esl_connected") == 0  # worker 1's share of the calls is taken by nobody
         for call in calls[1]:  # orphan_timeout 10s: within 10 s of the last re-arm, FreeSWITCH transfers them
             wait_until(lambda c=call: c.transferred_to, 15, "the orphan timer's fallback", parent)
             assert call.transferred_to.startswith("1000")

@@ -36,7 +36,7 @@ from controller.sdnotify import Notifier
 from controller.shard import Shard
 
 log = logging.getLogger("forkbridge")
-SPOOL_CHUNK = re.compile(r"[0-9A-Za-z-]{1,64}-\d{5}\.r(8|16)")  # what bridge.playback writes
+SPOOL_CHUNK = re.compile(r"[0-9A-Za-z-]{1,64}-\d{5}\.(r8|r16|PCMU|PCMA|L16)")  # what bridge.playback writes
 
 
 class Daemon:

@@ -270,3 +270,27 @@ def test_daemon_subprocess_one_call(tmp_path: Path, fmt: str) -> None:
     # a caller hanging up is a completed call, not a fallback
     assert record["outcome"] == "completed", record["outcome"]
     assert totals["completed"] == 1
+
+
+def test_a_restarted_daemon_removes_the_audio_files_a_crash_left_and_nothing_else(tmp_path):
+    """Chunks and growing native files of calls a killed daemon was playing are removed at the next start (no call
+    of ours can play them any more); other files in the spool are not ours to touch. A worker removes only its
+    own calls' files: the other workers' calls are still playing theirs."""
+    from controller.daemon import Daemon
+    from controller.shard import Shard, owner
+    from tests.harness import load, write_config
+
+    config = load(write_config(tmp_path, free_ports()[0], '- did: "7100"\n  engine: echo\n'))
+    spool = Path(config.bridge.spool_dir)
+    spool.mkdir(parents=True, exist_ok=True)
+    uuids = [f"0c5e9a52-1d7e-4c61-9a3e-7f1b2c3d4e{i:02d}" for i in range(8)]
+    left = [f"{u}-00001{ext}" for u, ext in zip(uuids, [".r8", ".r16", ".L16", ".PCMU", ".PCMA"] * 2, strict=False)]
+    for name in [*left, "operator-greeting.wav", "notes.txt"]:
+        (spool / name).write_bytes(b"\0" * 320)
+    worker = Shard(1, 2)
+    Daemon(config, worker)._clean_spool()
+    mine = {n for n in left if owner(n.rsplit("-", 1)[0], 2) == 1}
+    assert mine and mine != set(left)  # the sample has files of both workers
+    assert sorted(os.listdir(spool)) == sorted(set(left) - mine | {"operator-greeting.wav", "notes.txt"})
+    Daemon(config)._clean_spool()  # a single daemon owns every call
+    assert sorted(os.listdir(spool)) == ["notes.txt", "operator-greeting.wav"]

@@ -283,7 +283,10 @@ class Controller:
 
     def _arm_orphan_timer(self, call: Call, extra: float = 0.0) -> None:
         timeout = self.config.daemon.orphan_timeout + extra
-        if self.config.daemon.orphan_timeout <= 0 or call.control is None:
+        if call.control is None:
+            return
+        if self.config.daemon.orphan_timeout <= 0:  # no safety net wanted: not even the dialplan's untaken timer
+            call.control.disarm_orphan_timer()
             return
         fallback = call.route.fallback
         action = (f"uuid_transfer {call.uuid} {fallback.transfer}" if fallback.transfer

@@ -324,6 +324,10 @@ class Channel:
             for k, v in dp.items():
                 self.variables[k] = v
                 self._execute("set", f"{k}={v}", "_none_")
+            after, to = dp.get("forkbridge_untaken_after"), dp.get("forkbridge_untaken_to")
+            if after and to:  # ${sched_api(...)} in dialplan/forkbridge.xml: the daemon replaces it when it takes us
+                self.variables["forkbridge_untaken"] = self.sw.run_api(
+                    f"sched_api +{after} forkbridge-{self.uuid} uuid_transfer {self.uuid} {to}", via="dialplan").strip()
             if self.ring_s > 0:
                 self._sleep_until(time.monotonic() + self.ring_s)
                 if not self.alive:

@@ -177,9 +177,11 @@ class FSim:
             return None
         out = {"playback_terminators": "none", "park_timeout": "3600:NORMAL_CLEARING"}
         out.update(self.dialplan_vars)
-        if self.marker:  # as dialplan/forkbridge.xml does: the marker, and the DID without its '+'
-            out[self.marker[0]] = self.marker[1]
+        if self.marker:  # as dialplan/forkbridge.xml does: the marker, the DID without its '+', and the timer
+            out[self.marker[0]] = self.marker[1]  # for a call no daemon takes (Channel._run arms it before answer)
             out.setdefault("forkbridge_did", did.lstrip("+"))
+            out.setdefault("forkbridge_untaken_after", "60")
+            out.setdefault("forkbridge_untaken_to", "1000 XML default")
         return out
 
     def place_call(

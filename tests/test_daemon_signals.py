@@ -121,3 +121,23 @@ def test_a_daemon_killed_mid_call_does_not_leave_its_caller_parked(tmp_path):
         # FreeSWITCH's own scheduler runs the route's fallback once the daemon stops vouching for the call
         wait_until(lambda: orphan.transferred_to, timeout=20, what="the orphaned call's fallback transfer")
         assert orphan.transferred_to.startswith("1000")
+
+
+def test_a_call_no_daemon_takes_is_sent_on_by_the_dialplans_timer_and_a_taken_one_never(tmp_path):
+    """dialplan/forkbridge.xml arms a timer before it answers (group forkbridge-<uuid>): a caller nobody takes
+    (the daemon down, or the worker that owns the call) is transferred by FreeSWITCH itself. The daemon replaces
+    that timer when it takes a call, and deletes it when orphan_timeout is 0 (no safety net wanted)."""
+    untaken = {"forkbridge_untaken_after": "2", "forkbridge_untaken_to": "7300 XML public"}
+    short = CallerScript(audio=SpeechLike(bursts=4), hangup_after=4.5)
+    with FSim(dialplan_vars=untaken) as sw:
+        nobodys = sw.place_call(did="7100", script=TALKING)  # no daemon at all yet
+        wait_until(lambda: nobodys.transferred_to, timeout=10, what="the untaken call's transfer")
+        assert nobodys.transferred_to.startswith("7300")
+        for orphan_timeout in ("10s", "0"):
+            port = free_ports()[0]
+            config = write_config(tmp_path, sw.esl_port, port, '"7100"', orphan_timeout=orphan_timeout)
+            with daemon_process(config, port):
+                taken = sw.place_call(did="7100", script=short)
+                wait_until(lambda c=taken: forked(c), what="the daemon to take the call")
+                assert taken.wait_hangup(10)  # past the dialplan's 2 s: the caller hung up, nobody moved it
+                assert taken.transferred_to is None, orphan_timeout

@@ -9,6 +9,7 @@ loopback ports; nothing binds anywhere but 127.0.0.1.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,18 @@ TEST_EXTENSIONS = r"""<include>
 """
 
 
+UNTAKEN_AFTER_S = 10  # the shipped dialplan's timer for calls no daemon takes, shortened for the tests
+UNTAKEN_TO = "7300 XML public"  # the test operator (1000 Hz)
+
+
+def dialplan_for_tests(shipped: str) -> str:
+    """Our dialplan/forkbridge.xml as shipped, but for the untaken-call timer: 10 s and the test operator."""
+    for name, value in (("forkbridge_untaken_after", UNTAKEN_AFTER_S), ("forkbridge_untaken_to", UNTAKEN_TO)):
+        shipped, found = re.subn(rf'data="{name}=[^"]*"', f'data="{name}={value}"', shipped)
+        assert found == 1, f"dialplan/forkbridge.xml no longer sets {name}"
+    return shipped
+
+
 def write_config(template: Path, conf: Path, esl_port: int, extra_public: dict[str, str],
                  extra_files: dict[str, str] | None = None) -> None:
     """The switch's config: the prefix's template, our event_socket.conf.xml (its port and password set for this
@@ -123,7 +136,7 @@ def write_config(template: Path, conf: Path, esl_port: int, extra_public: dict[s
     tree.write(conf / "autoload_configs" / "event_socket.conf.xml")
     public = conf / "dialplan" / "public"
     public.mkdir(exist_ok=True)
-    shutil.copy(REPO / "dialplan" / "forkbridge.xml", public / "10_forkbridge.xml")
+    (public / "10_forkbridge.xml").write_text(dialplan_for_tests((REPO / "dialplan" / "forkbridge.xml").read_text()))
     (public / "20_fb_test.xml").write_text(TEST_EXTENSIONS)
     for name, text in extra_public.items():
         (public / name).write_text(text)

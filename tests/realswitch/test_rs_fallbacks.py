@@ -32,7 +32,7 @@ from fsim.audio import Silence, Tone, write_wav
 from tests.harness import SECRET, free_ports, load, metric, running_daemon, wait_until, write_config
 from tests.realswitch.caller import Caller, real_calls
 from tests.realswitch.heard import Piece, pieces
-from tests.realswitch.switch import PASSWORD, REPO, FreeSwitch, Probe
+from tests.realswitch.switch import PASSWORD, REPO, UNTAKEN_AFTER_S, FreeSwitch, Probe
 
 PROMPT_HZ = 500.0
 PROMPT_S = 0.8
@@ -365,3 +365,17 @@ def test_a_killed_daemon_leaves_its_caller_to_freeswitchs_timer_and_a_live_one_n
     # the killed daemon wrote nothing for the orphan (its outcome for the long call: see the hang-up test above)
     records = real_calls([json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()])
     assert [r["uuid"] for r in records] == [long.b], daemon_log[-2000:]
+
+
+
+def test_a_call_no_daemon_takes_hears_the_operator_from_the_dialplans_own_timer(tmp_path, drachtio, probe):
+    """No daemon at all (or, with workers, not the one that owns the call): dialplan/forkbridge.xml armed a timer
+    before it answered (10 s in the test switch), and FreeSWITCH's scheduler sends the parked caller on."""
+    caller = Caller(drachtio, probe, tmp_path, Silence(UNTAKEN_AFTER_S + 10), name="untaken", hangs_up=True).dial()
+    wait_until(lambda: our_task(probe, caller), 5, "the dialplan's timer to be armed")
+    caller.wait(lambda e: e.name == "CHANNEL_UNPARK" and e.uuid == caller.b
+                and e.get("Caller-Destination-Number") == "7300", UNTAKEN_AFTER_S + 5, "the dialplan's timer")
+    wait_until(lambda: hears_operator(caller), 5, "the caller to hear the operator")
+    assert not our_task(probe, caller), probe.api("show tasks")
+    caller.hang_up()
+    caller.wait_gone()

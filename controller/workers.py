@@ -198,13 +198,13 @@ class Supervisor:
         """Every worker's exposition, asked in parallel; a worker that does not answer (restarting, slow) is
         represented by its last one, so no summed counter ever goes down between two scrapes. Also whether
         every worker answered."""
-        jobs = [gevent.spawn(_get, w.metrics_port, "/metrics", SCRAPE_TIMEOUT) for w in self.workers]
-        gevent.joinall(jobs, timeout=SCRAPE_TIMEOUT + 1)
+        asked = [(w, w.proc, gevent.spawn(_get, w.metrics_port, "/metrics", SCRAPE_TIMEOUT)) for w in self.workers]
+        gevent.joinall([job for _w, _proc, job in asked], timeout=SCRAPE_TIMEOUT + 1)
         answered = True
-        for worker, job in zip(self.workers, jobs, strict=True):
-            if job.value is not None:
+        for worker, proc, job in asked:
+            if job.value is not None and worker.proc is proc and worker.alive:
                 worker.exposition = job.value
-            else:
+            else:  # no answer, or from a process that died meanwhile (its counts are carried already)
                 answered = False
         return [w.exposition for w in self.workers if w.exposition], answered
 

@@ -128,7 +128,7 @@ def test_a_call_no_daemon_takes_is_sent_on_by_the_dialplans_timer_and_a_taken_on
     (the daemon down, or the worker that owns the call) is transferred by FreeSWITCH itself. The daemon replaces
     that timer when it takes a call, and deletes it when orphan_timeout is 0 (no safety net wanted)."""
     untaken = {"forkbridge_untaken_after": "2", "forkbridge_untaken_to": "7300 XML public"}
-    short = CallerScript(audio=SpeechLike(bursts=4), hangup_after=4.5)
+    short = CallerScript(audio=SpeechLike(bursts=4), hangup_after=3.5)
     with FSim(dialplan_vars=untaken) as sw:
         nobodys = sw.place_call(did="7100", script=TALKING)  # no daemon at all yet
         wait_until(lambda: nobodys.transferred_to, timeout=10, what="the untaken call's transfer")

@@ -306,8 +306,10 @@ def daemon_process(tmp_path: Path, switch: FreeSwitch) -> Iterator[subprocess.Po
 def test_a_killed_daemon_leaves_its_caller_to_freeswitchs_timer_and_a_live_one_never_lets_it_fire(
         tmp_path, drachtio, probe):
     """Two callers on one daemon. The first stays 2.5 orphan timeouts and hangs up: the timer, re-armed
-    all along, never fires, and nothing of ours is left scheduled. Then the daemon is SIGKILLed under the
-    second: FreeSWITCH's timer transfers that caller to the operator within orphan_timeout (+2 s)."""
+    all along, never fires (nor the dialplan's 10 s one for calls nobody takes: the daemon replaced it), and
+    nothing of ours is left scheduled. Then the daemon is SIGKILLed under the second: FreeSWITCH's timer
+    transfers that caller to the operator within orphan_timeout (+2 s); and a third caller, answered with no
+    daemon at all, is sent there by the timer the dialplan armed before answering."""
     lifetime = 2.5 * ORPHAN_TIMEOUT_S  # seven re-arms; longer only costs test time
     with daemon_process(tmp_path, drachtio) as proc:
         long = Caller(drachtio, probe, tmp_path, Silence(lifetime), name="long", hangs_up=True).dial()
@@ -334,6 +336,10 @@ def test_a_killed_daemon_leaves_its_caller_to_freeswitchs_timer_and_a_live_one_n
         proc.send_signal(signal.SIGKILL)
         killed_at = time.time()
         proc.wait(10)
+        # a caller answered now is taken by nobody: the dialplan's own timer (10 s here) sends it on
+        untaken = Caller(drachtio, probe, tmp_path, Silence(UNTAKEN_AFTER_S + 15), name="untaken",
+                         hangs_up=True).dial()
+        wait_until(lambda: our_task(probe, untaken), 5, "the dialplan's timer to be armed")
         # the timer's uuid_transfer: the B leg leaves our park for 7300 (FreeSWITCH sends no EXE_SCHEDULE event)
         fired = orphan.wait(lambda e: e.name == "CHANNEL_UNPARK" and e.uuid == orphan.b
                             and e.get("Caller-Destination-Number") == "7300", ORPHAN_TIMEOUT_S + 4,
@@ -343,6 +349,11 @@ def test_a_killed_daemon_leaves_its_caller_to_freeswitchs_timer_and_a_live_one_n
         assert not our_task(probe, orphan), probe.api("show tasks")  # it ran once and is gone
         orphan.hang_up()
         orphan.wait_gone()
+        untaken.wait(lambda e: e.name == "CHANNEL_UNPARK" and e.uuid == untaken.b
+                     and e.get("Caller-Destination-Number") == "7300", UNTAKEN_AFTER_S + 5, "the dialplan's timer")
+        wait_until(lambda: hears_operator(untaken), 5, "the untaken caller to hear the operator")
+        untaken.hang_up()
+        untaken.wait_gone()
         daemon_log = proc.log_path.read_text()
 
     long_heard = long.recording().heard(join_s=SPLIT_S)
@@ -367,15 +378,3 @@ def test_a_killed_daemon_leaves_its_caller_to_freeswitchs_timer_and_a_live_one_n
     assert [r["uuid"] for r in records] == [long.b], daemon_log[-2000:]
 
 
-
-def test_a_call_no_daemon_takes_hears_the_operator_from_the_dialplans_own_timer(tmp_path, drachtio, probe):
-    """No daemon at all (or, with workers, not the one that owns the call): dialplan/forkbridge.xml armed a timer
-    before it answered (10 s in the test switch), and FreeSWITCH's scheduler sends the parked caller on."""
-    caller = Caller(drachtio, probe, tmp_path, Silence(UNTAKEN_AFTER_S + 10), name="untaken", hangs_up=True).dial()
-    wait_until(lambda: our_task(probe, caller), 5, "the dialplan's timer to be armed")
-    caller.wait(lambda e: e.name == "CHANNEL_UNPARK" and e.uuid == caller.b
-                and e.get("Caller-Destination-Number") == "7300", UNTAKEN_AFTER_S + 5, "the dialplan's timer")
-    wait_until(lambda: hears_operator(caller), 5, "the caller to hear the operator")
-    assert not our_task(probe, caller), probe.api("show tasks")
-    caller.hang_up()
-    caller.wait_gone()

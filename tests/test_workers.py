@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import types
 import urllib.error
 import urllib.request
@@ -27,7 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import gevent
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,6 +35,7 @@ from controller.shard import Shard, owner
 from fsim import Callee, CallerScript, FSim, Silence, Tone
 from fsim.audio import write_wav
 from tests.harness import SECRET, free_ports
+from tests.harness import wait_until as harness_wait_until
 from tests.test_outbound_calls import TOKEN, request
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,15 +76,15 @@ class Node:
 
 
 def wait_until(predicate: Any, timeout: float, what: str, node: Node | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The harness's wait_until, failing at once if the parent `node` exits while it waits."""
+
+    def check() -> Any:
         value = predicate()
-        if value:
-            return value
-        if node is not None and node.proc.poll() is not None:
+        if not value and node is not None and node.proc.poll() is not None:
             raise AssertionError(f"the parent exited ({node.proc.returncode}) while waiting for {what}")
-        gevent.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        return value
+
+    return harness_wait_until(check, timeout, what)
 
 
 def write_config(tmp_path: Path, esl_port: int, metrics_port: int, api_port: int, workers: str = "2") -> Path:

@@ -407,7 +407,7 @@ class StreamPlayer(Player):
         self._batch_bytes = 1280 * factor * 2  # the module's threshold for the next message
         # a reply's first message waits one later batch after its first audio (see _drain_buffer): 80 ms on an
         # 8 kHz channel, 40 ms on a 16 kHz one
-        self._start_after_s = self._ms(self._later_batch_bytes) / 1000.0
+        self._later_batch_ms = self._ms(self._later_batch_bytes)
         self._queue: list[tuple[str, bytes]] = []
         self._buffer = bytearray()
         self._buffer_response = ""
@@ -458,8 +458,8 @@ class StreamPlayer(Player):
         if not final and response not in self._sent_ms:
             elapsed = time.monotonic() - self._first_audio.get(response, time.monotonic())
             ahead_ms = self.received_ms.get(response, 0.0) - elapsed * 1000.0
-            running_ahead = ahead_ms >= self._ms(self._later_batch_bytes) + self._largest_ms
-            wait = 0.0 if running_ahead else self._start_after_s - elapsed
+            running_ahead = ahead_ms >= self._later_batch_ms + self._largest_ms
+            wait = 0.0 if running_ahead else self._later_batch_ms / 1000.0 - elapsed
             if wait > 0 or len(self._buffer) < self._batch_bytes:
                 if wait > 0 and (self._start_timer is None or self._start_timer.dead
                                  or self._start_timer.args != (response,)):

@@ -85,6 +85,7 @@ class BridgeServer:
         environ["forkbridge.uuid"] = uuid
         # Streamed audio and killAudio go out as small frames: never hold them back for Nagle.
         handler.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        environ["forkbridge.socket"] = handler.socket  # the session sets its receive low-water mark
         return False
 
     def _app(self, environ: dict[str, Any], start_response: Callable) -> list[bytes]:
@@ -98,7 +99,7 @@ class BridgeServer:
         session = self.lookup(uuid)
         if session is None:  # the call ended between the check and the upgrade
             return []
-        why = session.attach(ws, self.max_frame_bytes)
+        why = session.attach(ws, self.max_frame_bytes, environ.get("forkbridge.socket"))
         log.debug("fork socket for %s ended: %s", uuid, why)
         if why == "oversized":
             self.refusals["oversized_frame"] = self.refusals.get("oversized_frame", 0) + 1

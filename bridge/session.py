@@ -42,6 +42,7 @@ from bridge.engine import (
 )
 from bridge.playback import BroadcastPlayer, Player, StreamPlayer, native_format
 from bridge.tools import build_tool_specs, decide
+from bridge.wakeups import IDLE_S, ReadCoalescer
 
 log = logging.getLogger("forkbridge.bridge")
 
@@ -53,7 +54,7 @@ HANGUP_AFTER_PLAYBACK_MAX = 10.0  # seconds a goodbye may still play before the 
 HOLD_MAX_S = 30.0  # caller audio kept while a new engine session opens (its connect_timeout is less)
 SUMMARY_MAX_CHARS = 4000  # the conversation so far, as carried into a new session's instructions
 RENEW_MARGIN_S = 120.0  # a session that announces its end is replaced this long before it (at most a quarter)
-RECENT_FRAMES = 500  # the caller's last frames (10 s at 20 ms), replayed to a new session from the utterance start
+RECENT_PIECES = 10_000 // ENGINE_CHUNK_MS  # the caller's last 10 s, replayed to a new session from the utterance start
 PREROLL_S = 0.5  # ... and this much before the engine heard it start
 
 
@@ -113,6 +114,7 @@ class MediaSession:
         self._last_audio = time.monotonic()
         self._speech_stopped_at: float | None = None
         self._greenlets: list[gevent.Greenlet] = []
+        self._watcher = gevent.Greenlet()  # the no-audio timer's next run (an unstarted one until start())
         self._playback_failures = 0
         self._generation = 0  # the engine session events are taken from; an older one's are dropped
         self._held: list[bytes] | None = None  # caller audio while a new session opens (None: not switching)
@@ -121,13 +123,14 @@ class MediaSession:
         self._open_responses: set[str] = set()
         self._caller_speaking = False
         self._speech_started_at = 0.0
-        self._recent: deque[tuple[float, bytes]] = deque(maxlen=RECENT_FRAMES)  # for an utterance cut by a switch
+        self._recent: deque[tuple[float, bytes]] = deque(maxlen=RECENT_PIECES)  # for an utterance cut by a switch
+        self._wakeups = ReadCoalescer(None)  # the fork socket's, once it is attached
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._greenlets.append(gevent.spawn(self._connect_engine))
-        self._greenlets.append(gevent.spawn(self._watch_audio))
+        self._watch_audio()
         if self.options.playback == "broadcast":
             # replies as growing files in the channel's own codec where mod_native_file can play it (gapless)
             native = native_format(self.options.channel_codec, self.options.channel_rate)
@@ -157,8 +160,10 @@ class MediaSession:
         self._in = Converter(self.call_format, formats.input)
         self._out = Converter(formats.output, self.playback_format)
         self.engine = engine
-        if engine.expires_at is not None:
-            self._greenlets.append(gevent.spawn(self._renew_before_the_end, engine))
+        if engine.expires_at is not None:  # a timer until then, not a sleeping greenlet (8 KiB per call)
+            left = engine.expires_at - time.time()
+            self._greenlets.append(gevent.spawn_later(max(0.0, left - min(RENEW_MARGIN_S, left / 4)),
+                                                      self._renew_before_the_end, engine))
 
     def _connect_engine(self) -> None:
         try:
@@ -186,6 +191,7 @@ class MediaSession:
         if self._closed:
             return
         self._closed = True
+        self._wakeups.lower()  # the fork's close frame must not wait for audio that will not come
         if self.player is not None:
             self.player.close()
         if self.engine is not None:
@@ -193,6 +199,7 @@ class MediaSession:
                 self.engine.close()
             except Exception:
                 self.log.exception("engine close failed")
+        self._watcher.kill(block=False)
         for greenlet in self._greenlets:
             greenlet.kill(block=False)
         ws = self.ws
@@ -207,8 +214,11 @@ class MediaSession:
 
     # ---- the fork socket --------------------------------------------------------------------------
 
-    def attach(self, ws: Any, max_frame_bytes: int) -> str:
-        """Pump the fork's frames until it closes. Returns why it ended: closed, oversized, or ended."""
+    def attach(self, ws: Any, max_frame_bytes: int, sock: Any = None) -> str:
+        """Pump the fork's frames until it closes. Returns why it ended: closed, oversized, or ended.
+
+        Per frame only what must be (size checks, gathering); a piece for the engine (ENGINE_CHUNK_MS) is
+        stamped, counted and remembered once. `sock` is the fork's socket, for waking once per piece."""
         self.ws = ws
         self._last_audio = time.monotonic()
         self.hooks.mark("fork_connected", {})
@@ -220,53 +230,73 @@ class MediaSession:
             early, self._early_audio = self._early_audio, []
             for audio, response_id in early:
                 self.player.feed(audio, response_id)
+        self._wakeups.lower()  # a fork before this one (refork): its close frame must reach its reader
+        self._wakeups = wakeups = ReadCoalescer(sock if self.options.no_audio_timeout > 0 else None)
         first_audio = True
         batch = bytearray()
+        frames = 0
         batch_bytes = int(self.info.sample_rate * 2 * ENGINE_CHUNK_MS / 1000)
+        why = "ended"
         while not self._closed:
             try:
                 message = ws.receive()
             except Exception:
                 message = None
             if message is None:
-                return "closed"
+                why = "closed"
+                break
             if isinstance(message, str):
                 self._on_text(message)
                 continue
-            if len(message) > max_frame_bytes:
+            size = len(message)
+            if size > max_frame_bytes:
                 close_ws(ws, 1009, b"frame too large")
-                return "oversized"
-            if not message:
+                why = "oversized"
+                break
+            if not size:
                 continue  # graceful-shutdown marker: no audio follows
-            self._last_audio = time.monotonic()
             if first_audio:
                 first_audio = False
-                self.hooks.mark("first_caller_audio", {"bytes": len(message)})
-            if self.stats is not None:
-                self.stats.audio_in(len(message))
-            self._remember(self._last_audio, message)
-            if self._held is not None:  # a new engine session is opening: it gets this once it is ready
-                if len(self._held) * len(message) < HOLD_MAX_S * self.info.sample_rate * 2:
-                    self._held.append(message)
-                continue
-            if self._in is None or self.engine is None:
-                continue  # the engine is not ready yet: nothing to keep, it hears the caller from now on
+                self.hooks.mark("first_caller_audio", {"bytes": size})
             batch += message
+            frames += 1
             if len(batch) < batch_bytes:
+                if wakeups.raised:  # the piece's next frame must wake us on its own
+                    wakeups.lower()
                 continue
-            try:
-                self.engine.send_audio(self._in.convert(bytes(batch)))
-            except Exception:
-                self.log.debug("send_audio failed", exc_info=True)
+            piece = bytes(batch)
             batch.clear()
-        return "ended"
+            self._caller_audio(piece, frames)
+            frames = 0
+            if not wakeups.raised:  # a whole piece's worth of frames before the next wake-up
+                wakeups.frames_of(size)
+        if frames and self.stats is not None:  # the last frames, short of a piece, were received all the same
+            self.stats.audio_in(len(batch), frames)
+        return why
 
-    def _remember(self, now: float, frame: bytes) -> None:
-        """Keep what _switch_session may replay: while the caller speaks, the utterance (up to RECENT_FRAMES);
+    def _caller_audio(self, piece: bytes, frames: int) -> None:
+        """One piece of the caller's audio (whole fork frames, ENGINE_CHUNK_MS or a little more)."""
+        self._last_audio = now = time.monotonic()
+        if self.stats is not None:
+            self.stats.audio_in(len(piece), frames)
+        self._remember(now, piece)
+        if self._held is not None:  # a new engine session is opening: it gets this once it is ready
+            if len(self._held) * len(piece) < HOLD_MAX_S * self.info.sample_rate * 2:
+                self._held.append(piece)
+            return
+        if self._in is None or self.engine is None:
+            return  # the engine is not ready yet: nothing to keep, it hears the caller from now on
+        try:
+            self.engine.send_audio(self._in.convert(piece))
+        except Exception:
+            self.log.debug("send_audio failed", exc_info=True)
+
+    def _remember(self, now: float, piece: bytes) -> None:
+        """Keep what _switch_session may replay: while the caller speaks, the utterance (up to RECENT_PIECES);
         otherwise only the last PREROLL_S, which is all an utterance starting next could need (10 s of every
         call's audio was about 360 KiB per call)."""
         recent = self._recent
-        recent.append((now, frame))
+        recent.append((now, piece))
         if not self._caller_speaking:
             cutoff = now - PREROLL_S
             while recent[0][0] < cutoff:
@@ -302,19 +332,25 @@ class MediaSession:
         """A no_audio the controller put off (FreeSWITCH was away): watch afresh from now."""
         if not self._closed:
             self._last_audio = time.monotonic()
-            self._greenlets.append(gevent.spawn(self._watch_audio))
+            if self._watcher is not gevent.getcurrent():  # (it is when the watch's own fallback was put off)
+                self._watcher.kill(block=False)
+            self._watch_audio()
 
     def _watch_audio(self) -> None:
-        """No caller audio for no_audio_timeout (the fork never came, or went silent) → fallback."""
+        """No caller audio for no_audio_timeout (the fork never came, or went silent) → fallback. A timer that
+        re-arms itself (a waiting timer is 1 KiB, a sleeping greenlet 8 KiB per call)."""
         timeout = self.options.no_audio_timeout
-        if timeout <= 0:
+        if timeout <= 0 or self._closed:
             return
-        while not self._closed:
-            idle = time.monotonic() - self._last_audio
-            if idle >= timeout:
-                self._fail("no_audio", f"{idle:.1f}s without caller audio")
-                return
-            gevent.sleep(min(1.0, timeout - idle + 0.05))
+        idle = time.monotonic() - self._last_audio
+        if idle >= IDLE_S:
+            self._wakeups.lower()
+        if idle >= timeout:
+            self._fail("no_audio", f"{idle:.1f}s without caller audio")
+            return
+        # while the fork's reader wakes once per piece, a pause is noticed within IDLE_S (see bridge/wakeups)
+        every = IDLE_S if self._wakeups.raised else 1.0
+        self._watcher = gevent.spawn_later(min(every, timeout - idle + 0.05), self._watch_audio)
 
     # ---- from the controller ----------------------------------------------------------------------
 
@@ -406,12 +442,11 @@ class MediaSession:
         self._greenlets.append(gevent.spawn(self._continue_session, why))
 
     def _renew_before_the_end(self, engine: Engine) -> None:
-        """A session that says when it will end (OpenAI's expires_at) is replaced shortly before, at a moment
+        """A session that says when it will end (OpenAI's expires_at) is replaced shortly before (this runs
+        RENEW_MARGIN_S before, or at three quarters of the session's life if that is later), at a moment
         when nobody speaks, so the caller hears no pause at all. If no such moment comes, the session's own end
         is handled as any session limit."""
         assert engine.expires_at is not None
-        left = engine.expires_at - time.time()
-        gevent.sleep(max(0.0, left - min(RENEW_MARGIN_S, left / 4)))
         while engine.expires_at - time.time() > 0.5 and (self._caller_speaking or self._open_responses
                                                          or (self.player is not None and self.player.playing)):
             gevent.sleep(0.05)

@@ -252,7 +252,7 @@ class Daemon:
 
 
 class AudioCounters:
-    """What a media session counts per frame, without knowing about Prometheus.
+    """What a media session counts (bytes and frames), without knowing about Prometheus.
 
     Counted in plain integers and added to the Prometheus counters every FLUSH_FRAMES frames and before each
     exposition: a prometheus-client inc() takes a lock (a gevent lock once monkey-patched), which per caller
@@ -265,15 +265,15 @@ class AudioCounters:
         self._pending = {"in": [0, 0], "out": [0, 0]}  # direction -> [bytes, frames]
         metrics.before_exposition(self.flush)
 
-    def audio_in(self, nbytes: int) -> None:
-        self._count(self._pending["in"], nbytes)
+    def audio_in(self, nbytes: int, frames: int = 1) -> None:
+        self._count(self._pending["in"], nbytes, frames)
 
     def audio_out(self, nbytes: int) -> None:
-        self._count(self._pending["out"], nbytes)
+        self._count(self._pending["out"], nbytes, 1)
 
-    def _count(self, pending: list[int], nbytes: int) -> None:
+    def _count(self, pending: list[int], nbytes: int, frames: int) -> None:
         pending[0] += nbytes
-        pending[1] += 1
+        pending[1] += frames
         if pending[1] >= self.FLUSH_FRAMES:
             self.flush()
 

@@ -70,6 +70,7 @@ class MediaBug:
         self.audio_bytes = 0
         self.close_code: int | None = None
         self.closed_by: str | None = None  # "switch" | "server" | "cut"
+        self.close_answered = False  # the server answered our close frame (before we dropped the connection)
         self.files: list[str] = []
         self._ws: websocket.WebSocket | None = None
         self._sock: Any = None
@@ -276,6 +277,8 @@ class MediaBug:
                         with contextlib.suppress(Exception):
                             ws.send_close(1000, b"")
                         self._on_server_closed(code, reason)
+                    else:
+                        self.close_answered = True
                     return
                 if opcode == websocket.ABNF.OPCODE_TEXT:
                     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)

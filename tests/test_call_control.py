@@ -213,6 +213,20 @@ def test_fork_failures_end_in_the_fallback_transfer(tmp_path, fault):
             assert stops
 
 
+def test_a_fork_freeswitch_stops_under_a_live_call_is_answered_at_once_and_ends_in_the_fallback(tmp_path):
+    """Someone runs `uuid_audio_fork <uuid> stop` while the caller talks: the module sends its close frame and
+    waits for the server's (fsim waits 1 s, then drops the connection). The daemon's reader, woken once per
+    piece of caller audio, must still see that lone frame and answer it; the caller gets the fallback."""
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)):
+        call = sw.place_call(did="7100", script=TALKING)
+        wait_until(lambda: call.fork is not None and call.fork.audio_bytes >= 32000, what="a second of audio")
+        fork = call.fork
+        assert sw.api(f"uuid_audio_fork {call.uuid} stop forkbridge").startswith("+OK")
+        assert fork.wait_finished(5)
+        assert fork.closed_by == "switch" and fork.close_answered, "the daemon left the module's close unanswered"
+        wait_until(lambda: call.transferred_to, timeout=10, what="the fallback transfer")
+
+
 def test_a_prompt_freeswitch_cannot_play_does_not_hold_the_caller(tmp_path):
     routes = ROUTES.format(dtmf="forward", prompt=tmp_path / "missing.wav").replace("engine: echo", "engine: bot")
     with FSim() as sw, running_daemon(config_for(tmp_path, sw, engines="bot: {type: echo, refuse: true}",

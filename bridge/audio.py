@@ -205,6 +205,11 @@ class Resampler:
 
     Processes in float32 internally: soxr's int16 output path adds TPDF dither (so silence would not stay silent
     and output would depend on the dither generator); rounding and clipping ourselves keeps it deterministic.
+
+    The soxr stream exists only while it holds audio: a flush (a response ended) or a reset (barge-in) frees it,
+    and the next frame makes a new one (about 35 us). soxr keeps 75-90 KiB of C memory per stream, and an
+    engine's speech comes in bursts (a reply several times faster than real time, then nothing while the caller
+    speaks), so the speech direction of a call mostly holds none.
     """
 
     def __init__(self, in_rate: int, out_rate: int, quality: str = DEFAULT_QUALITY) -> None:
@@ -215,16 +220,18 @@ class Resampler:
         self.in_rate = in_rate
         self.out_rate = out_rate
         self.quality = quality
-        self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=quality)
+        self._stream: soxr.ResampleStream | None = None  # None: nothing held (no flush/clear needed)
         self._aligner = _SampleAligner()
-        self._fed = False  # whether the soxr stream holds anything (skip needless flush/clear)
 
     def process_samples(self, x: np.ndarray) -> np.ndarray:
         """Resample int16 samples; returns whatever output the filter can produce so far (possibly none)."""
         if x.size == 0:
             return np.zeros(0, dtype=_I16)
-        self._fed = True
-        return self._to_int16(self._stream.resample_chunk(x.astype(np.float32)))
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32",
+                                                        quality=self.quality)
+        return self._to_int16(stream.resample_chunk(x.astype(np.float32)))
 
     def process(self, data: bytes | bytearray | memoryview) -> bytes:
         """Resample a frame of L16 bytes of any length (an odd trailing byte waits for the next frame)."""
@@ -235,12 +242,10 @@ class Resampler:
     def flush_samples(self) -> np.ndarray:
         """End of a continuous stretch (e.g. a response finished): return the held-back tail, then start fresh."""
         self._aligner.reset()
-        if not self._fed:
+        stream, self._stream = self._stream, None
+        if stream is None:
             return np.zeros(0, dtype=_I16)
-        tail = self._to_int16(self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
-        self._stream.clear()
-        self._fed = False
-        return tail
+        return self._to_int16(stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
 
     def flush(self) -> bytes:
         return self.flush_samples().tobytes()
@@ -248,13 +253,11 @@ class Resampler:
     def reset(self) -> None:
         """Barge-in: drop everything held (filter state, odd byte) without producing output."""
         self._aligner.reset()
-        if self._fed:
-            self._stream.clear()
-            self._fed = False
+        self._stream = None
 
     def delay_ms(self) -> float:
         """Output currently held back inside the filter, in ms (soxr's own figure)."""
-        return float(self._stream.delay()) * 1000.0 / self.out_rate
+        return 0.0 if self._stream is None else float(self._stream.delay()) * 1000.0 / self.out_rate
 
     @staticmethod
     def _to_int16(y: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ from controller.callrecords import CallRecordWriter
 from controller.calls import Call
 from controller.config import Config, ConfigError, load_config
 from controller.esl import EslClient, EslSettings
+from controller.heap import trim_periodically
 from controller.httpapi import HttpApi
 from controller.logs import configure_logging, register_secret
 from controller.metrics import OUTCOMES, Metrics
@@ -176,6 +177,7 @@ class Daemon:
         gevent.spawn(self._announce_ready)
         if self.config.daemon.orphan_timeout > 0:
             gevent.spawn(self._vouch)
+        trim_periodically(self.stopped)
         log.info("forkbridge listening for FreeSWITCH on %s:%s, ESL %s:%s, %d route(s)",
                  self.config.bridge.listen_host, self.bridge.port, self.config.esl.host, self.config.esl.port,
                  len(self.config.routes))

@@ -15,8 +15,11 @@ Callers are loopback legs playing 2 s tone turns with 2 s pauses, endlessly. For
 the bridges take turns (A B A B): N calls are placed to one bridge, and once every fork carries audio (and a
 settle) the bridge's process CPU (utime+stime from /proc) is read over `--seconds`; then the calls are hung up
 and the other bridge gets the same. Contention from anything else on the box hits both alike: the ratio is the
-figure. Per run: %/call = CPU % of one core / N; KiB/call = (RSS at the window's end - the bridge's RSS before
-its first call) / N; kernel = the share of that CPU spent in system calls (stime); audio in = the caller audio
+figure. Each bridge first takes one warm-up call (what the first call loads, imports and caches once is not a
+per-call cost). Per run: %/call = CPU % of one core / N; KiB/call = (RSS at the window's end - the bridge's RSS
+just before the run's calls) / N; left = how far that RSS before the run is above the bridge's RSS after its
+warm-up (what earlier runs left behind: a leak grows it run after run, a bounded history or heap that keeps its
+free space does not); kernel = the share of that CPU spent in system calls (stime); audio in = the caller audio
 the bridge received over the window as a share of real time (both must be ~1.0).
 
 `--workers N` runs forkbridge with `daemon.workers: N`: its CPU and RSS are then the parent's and every worker's
@@ -146,8 +149,9 @@ class Callers:
 
 def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, seconds: float, rss0: int,
             spy: str = "", folded: Path | None = None, workers: int = 1) -> dict[str, Any]:
-    """One run: n calls to one bridge; its CPU over the window, and its RSS at the window's end above `rss0`
-    (its RSS before its first call: what n calls hold, whatever earlier runs left in its heap)."""
+    """One run: n calls to one bridge; its CPU over the window, its RSS at the window's end above its RSS just
+    before the calls (what n calls hold), and how far that is above `rss0` (its RSS after the warm-up call)."""
+    rss_before = sum(rss_kib(p) for p in process_tree(pid))
     callers.place(n, DIDS[bridge])
     legs = callers.channels() // 2
     gevent.sleep(SETTLE_S)
@@ -174,7 +178,8 @@ def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, sec
     cpu = 100.0 * (c2 - c1) / HZ / span
     result = {"bridge": bridge, "calls": n, "legs_up": legs, "window_s": round(span, 2),
               "cpu_pct_total": round(cpu, 2), "cpu_pct_per_call": round(cpu / n, 4),
-              "rss_kib_per_call": round((rss1 - rss0) / n, 1),
+              "rss_kib_per_call": round((rss1 - rss_before) / n, 1),
+              "rss_left_kib": rss_before - rss0,
               "system_share": round((k2 - k1) / max(1, c2 - c1), 2),
               "audio_in_ratio": round((a2 - a1) / (BYTES_PER_S * span * n), 3)}
     if owned:
@@ -269,7 +274,11 @@ def run_mode(prefix: Path, mode: str, steps: list[int], reps: int, seconds: floa
             gevent.sleep(0.2)
         callers = Callers(switch, wav)
         stat_ports = {"forkbridge": metrics_port, "naive": naive_port}
-        gevent.sleep(1.0)
+        for bridge in BRIDGES:  # the warm-up call
+            callers.place(1, DIDS[bridge])
+            gevent.sleep(SETTLE_S)
+            callers.hang_up_all()
+        gevent.sleep(2.0)
         idle_rss = {bridge: sum(rss_kib(p) for p in process_tree(procs[bridge].pid)) for bridge in BRIDGES}
         for n in steps:
             for rep in range(reps):
@@ -281,7 +290,8 @@ def run_mode(prefix: Path, mode: str, steps: list[int], reps: int, seconds: floa
                     r.update(mode=mode, rep=rep)
                     runs.append(r)
                     print(f"  {mode:<9} {bridge:<10} {n:>4} calls rep {rep}: {r['cpu_pct_per_call']:.3f} %/call, "
-                          f"{r['rss_kib_per_call']:.0f} KiB/call, audio in {r['audio_in_ratio']:.2f}, "
+                          f"{r['rss_kib_per_call']:.0f} KiB/call (left {r['rss_left_kib']} KiB), "
+                          f"audio in {r['audio_in_ratio']:.2f}, "
                           f"{r['legs_up']} up, kernel {r['system_share']:.0%} of it", flush=True)
                     for w in r.get("workers", []):
                         print(f"    worker {w['worker']}: {w['calls']} calls, {w['cpu_pct']:.1f} % of a core, "

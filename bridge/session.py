@@ -260,23 +260,22 @@ class MediaSession:
                 self.hooks.mark("first_caller_audio", {"bytes": size})
             batch += message
             frames += 1
-            if len(batch) < batch_bytes:
-                if wakeups.raised:  # the piece's next frame must wake us on its own
-                    wakeups.lower()
+            now = time.monotonic()
+            done = len(batch) >= batch_bytes
+            wakeups.gathered(now, size, frames, done)
+            if not done:
                 continue
             piece = bytes(batch)
             batch.clear()
-            self._caller_audio(piece, frames)
+            self._caller_audio(now, piece, frames)
             frames = 0
-            if not wakeups.raised:  # a whole piece's worth of frames before the next wake-up
-                wakeups.frames_of(size)
         if frames and self.stats is not None:  # the last frames, short of a piece, were received all the same
             self.stats.audio_in(len(batch), frames)
         return why
 
-    def _caller_audio(self, piece: bytes, frames: int) -> None:
+    def _caller_audio(self, now: float, piece: bytes, frames: int) -> None:
         """One piece of the caller's audio (whole fork frames, ENGINE_CHUNK_MS or a little more)."""
-        self._last_audio = now = time.monotonic()
+        self._last_audio = now
         if self.stats is not None:
             self.stats.audio_in(len(piece), frames)
         self._remember(now, piece)

@@ -113,12 +113,14 @@ class Trouble:
     bridge_down: bool = False  # FreeSWITCH is told to dial a port where nothing listens
     prompt_missing: bool = False
     hangup: bool = False  # fallback: prompt, then hang up (else transfer to the operator)
+    stop_fork: bool = False  # FreeSWITCH's side stops the live call's fork (`uuid_audio_fork <uuid> stop <bug>`)
 
 
 TROUBLES = {
     "engine_refused": Trouble("{type: echo, refuse: true}", "engine_refused"),
     "engine_dropped": Trouble("{type: echo, drop_after_s: 1.5}", "engine_dropped"),
     "fork_failed": Trouble("{type: echo}", "fork_failed", bridge_down=True),
+    "fork_stopped": Trouble("{type: echo}", "fork_dropped", stop_fork=True),
     "prompt_missing": Trouble("{type: echo, refuse: true}", "engine_refused", prompt_missing=True),
     "hangup": Trouble("{type: echo, refuse: true}", "engine_refused", hangup=True),
 }
@@ -167,15 +169,22 @@ def _mark_wall(call: Call, name: str) -> float:
 
 @pytest.mark.parametrize("what", list(TROUBLES))
 def test_a_failing_call_ends_in_its_fallback_and_never_stays_parked(tmp_path, drachtio, probe, what):
-    """The engine refuses, the engine drops mid-call, the fork cannot connect, or the prompt file is missing:
-    the caller hears the prompt (if there is one to hear), then the operator, or is hung up; never silence."""
+    """The engine refuses, the engine drops mid-call, the fork cannot connect, FreeSWITCH stops the fork under the
+    live call, or the prompt file is missing: the caller hears the prompt (if there is one to hear), then the
+    operator, or is hung up; never silence."""
     trouble = TROUBLES[what]
     path, prompt = _fallback_config(tmp_path, drachtio, trouble)
     with running_daemon(load(path)) as daemon:
         # the caller says nothing and stays on the line (its script outlasts the scenario): only we end it
         caller = Caller(drachtio, probe, tmp_path, Silence(20.0), hangs_up=True).dial()
-        if trouble.reason == "engine_dropped":  # the call was up before the engine went
+        if trouble.reason in ("engine_dropped", "fork_dropped"):  # the call was up before it went wrong
             caller.wait(lambda e: e.subclass == "mod_audio_fork::connect" and e.uuid == caller.b, 5, "the fork")
+        if trouble.stop_fork:
+            # once the fork's reader is woken only per piece of audio, the module's close frame comes alone: it
+            # must still be answered at once and the caller given the fallback
+            ours = wait_until(lambda: daemon.controller.calls.get(caller.b), 5, "the daemon to take the call")
+            wait_until(lambda: ours.media is not None and ours.media._wakeups.raised, 5, "audio flowing in pieces")
+            assert probe.api(f"uuid_audio_fork {caller.b} stop forkbridge").startswith("+OK")
         if trouble.hangup:
             gone = caller.wait_gone(timeout=PROMPT_S + 5)  # both legs destroyed, long before the caller's script ends
             wait_until(lambda: not our_task(probe, caller), 3, "the hung-up call's timer to be deleted")

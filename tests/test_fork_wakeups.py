@@ -71,3 +71,36 @@ def test_without_a_socket_nothing_is_tried():
     assert wakeups.raised  # so the session never asks to raise it
     wakeups.lower()
     wakeups.frames_of(FRAME)
+
+
+def test_pairs_that_arrive_together_leave_the_mark_up_and_never_touch_the_socket_again(fork):
+    _module, daemon = fork
+    wakeups = ReadCoalescer(daemon)
+    wakeups.raised = False  # as attached: any byte wakes the reader
+    t = 100.0
+    wakeups.gathered(t, FRAME, 1, piece_done=False)
+    wakeups.gathered(t + 0.020, FRAME, 2, piece_done=True)  # woke alone (mark down): the pairing starts here
+    assert wakeups.raised
+    for _ in range(50):  # every later pair in one wake-up, 40 ms apart
+        t += 0.040
+        wakeups.gathered(t, FRAME, 1, piece_done=False)
+        wakeups.gathered(t + 0.0002, FRAME, 2, piece_done=True)
+        assert wakeups.raised
+
+
+def test_a_lag_that_leaves_one_frame_over_is_put_right_by_one_lowering(fork):
+    _module, daemon = fork
+    wakeups = ReadCoalescer(daemon)
+    wakeups.frames_of(FRAME)
+    t = 100.0
+    # a late wake-up found three frames: a whole piece, and one frame over
+    wakeups.gathered(t, FRAME, 1, piece_done=False)
+    wakeups.gathered(t + 0.0002, FRAME, 2, piece_done=True)
+    wakeups.gathered(t + 0.0004, FRAME, 1, piece_done=False)
+    assert wakeups.raised  # nothing shows yet that the reader will sleep on half a piece
+    # it did: the piece's second frame only came with the one after it, 40 ms later
+    wakeups.gathered(t + 0.040, FRAME, 2, piece_done=True)
+    wakeups.gathered(t + 0.0402, FRAME, 1, piece_done=False)
+    assert not wakeups.raised, "the next half piece's frame must wake the reader alone"
+    wakeups.gathered(t + 0.060, FRAME, 2, piece_done=True)  # it did, 20 ms later: in step again
+    assert wakeups.raised

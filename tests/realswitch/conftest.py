@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +37,11 @@ def _switch(build: str, tmp_path_factory: pytest.TempPathFactory) -> FreeSwitch:
 @pytest.fixture(scope="session", autouse=False)
 def _stop_switches() -> Iterator[None]:
     yield
-    for switch in _switches.values():
+    switches = list(_switches.values())
+    for switch in switches:  # all at once: each takes seconds to shut down
+        if switch.running:
+            switch.proc.send_signal(signal.SIGTERM)
+    for switch in switches:
         switch.stop()
 
 

@@ -348,7 +348,7 @@ class MediaSession:
             self._fail("no_audio", f"{idle:.1f}s without caller audio")
             return
         # while the fork's reader wakes once per piece, a pause is noticed within IDLE_S (see bridge/wakeups)
-        every = IDLE_S if self._wakeups.raised else 1.0
+        every = IDLE_S if self._wakeups.holding else 1.0
         self._watcher = gevent.spawn_later(min(every, timeout - idle + 0.05), self._watch_audio)
 
     # ---- from the controller ----------------------------------------------------------------------

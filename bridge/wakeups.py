@@ -36,6 +36,11 @@ class ReadCoalescer:
         self._last = 0.0  # when the last frame was gathered
         self._realign = False
 
+    @property
+    def holding(self) -> bool:
+        """The mark is up on a real socket: a pause must then be noticed within IDLE_S."""
+        return self.raised and self._sock is not None
+
     def gathered(self, now: float, size: int, frames: int, piece_done: bool) -> None:
         """After each audio frame: `frames` of the piece so far, `piece_done` when this one completed it.
 

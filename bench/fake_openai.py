@@ -2,8 +2,9 @@
 
 Not tests/fakes/openai_fake.py: that one validates every message, keeps every frame and runs a server-side
 VAD on each append (fine for tests, too heavy for 500 concurrent sessions). This one does the minimum the bridge
-needs — `session.created`, an echoing `session.updated`, audio responses as base64 PCM16 24 kHz deltas sent
-faster than real time, and a caller interruption (`input_audio_buffer.speech_started`) every other response —
+needs — `session.created`, an echoing `session.updated`, audio responses as base64 deltas in the output format
+session.update asked for (PCM16 24 kHz, or mu-law 8 kHz as forkbridge asks for an 8 kHz channel) sent faster
+than real time, and a caller interruption (`input_audio_buffer.speech_started`) every other response —
 and timestamps what the latency figures need, with `time.time()` (CLOCK_REALTIME: the only clock the three
 bench processes share by contract):
 
@@ -55,9 +56,28 @@ FIRST_AFTER_S = 2.5  # first response this long after session.updated (after the
 BARGE_AT_S = 0.8  # interrupted responses: speech_started this long after the first delta
 BARGE_EVERY = 2  # every other response is interrupted
 
-_TONE = (3000 * np.sin(2 * np.pi * 330.0 * np.arange(RATE * DELTA_MS // 1000) / RATE)).astype("<i2").tobytes()
+
+
+def _tone(rate: int) -> np.ndarray:
+    return (3000 * np.sin(2 * np.pi * 330.0 * np.arange(rate * DELTA_MS // 1000) / rate)).astype("<i2")
+
+
+def _ulaw(x: np.ndarray) -> bytes:
+    """G.711 mu-law encoding (ITU-T G.711: bias 0x84, clip 32635, inverted bits)."""
+    s = x.astype(np.int32)
+    sign = np.where(s < 0, 0x80, 0)
+    mag = np.minimum(np.abs(s), 32635) + 0x84
+    exponent = np.floor(np.log2(mag >> 7)).astype(np.int32)
+    mantissa = (mag >> (exponent + 3)) & 0x0F
+    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+
+
+_TONE = _tone(RATE).tobytes()
 DELTA_BYTES = len(_TONE)
-_TONE_B64 = base64.b64encode(_TONE).decode("ascii")
+# One delta of the tone in each output format a session may ask for: what the server sends is in the format
+# session.updated confirmed (reference: `audio/pcm` is 24 kHz, `audio/pcmu` 8 kHz mu-law, one byte a sample).
+_TONES_B64 = {"audio/pcm": base64.b64encode(_TONE).decode("ascii"),
+              "audio/pcmu": base64.b64encode(_ulaw(_tone(8000))).decode("ascii")}
 
 
 def _mask(key: bytes, data: bytes) -> bytes:
@@ -162,6 +182,7 @@ class Session:
         self.edge: int | None = None  # output sample index where the signature level ended
         self.responses: list[dict] = []
         self.ids = 0
+        self.tone_b64 = _TONES_B64["audio/pcm"]  # one delta in the output format session.update asked for
 
     def _id(self, prefix: str) -> str:
         self.ids += 1
@@ -185,6 +206,14 @@ class Session:
         if kind == "session.update":
             session = msg.get("session") or {}
             audio = session.get("audio") or {}
+            kind = ((audio.get("output") or {}).get("format") or {"type": "audio/pcm"}).get("type")
+            if kind not in _TONES_B64:
+                self.conn.send_json({"type": "error", "event_id": self._id("event"),
+                                     "error": {"type": "invalid_request_error", "code": "invalid_value",
+                                               "message": f"this fake does not send {kind}",
+                                               "param": "session.audio.output.format"}})
+                return
+            self.tone_b64 = _TONES_B64[kind]
             echoed = {"type": "realtime", "object": "realtime.session", "id": f"sess_{self.n}",
                       "model": session.get("model", "gpt-realtime"), "output_modalities": ["audio"],
                       "audio": {"input": {"format": (audio.get("input") or {}).get("format"),
@@ -226,7 +255,7 @@ class Session:
                                                         "status": "in_progress", "content": []}})
             head = ('{"type":"response.output_audio.delta","event_id":"ev","response_id":"' + rid + '","item_id":"'
                     + item + '","output_index":0,"content_index":0,"delta":"')
-            delta = (head + _TONE_B64 + '"}').encode()
+            delta = (head + self.tone_b64 + '"}').encode()
             for _ in range(RESP_MS // DELTA_MS):
                 record["deltas_t"].append(time.time())
                 conn.send(delta)

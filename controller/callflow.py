@@ -34,6 +34,9 @@ log = logging.getLogger("forkbridge.controller")
 BUGNAME = "forkbridge"
 EVENTS = ("CHANNEL_ANSWER", "CHANNEL_HANGUP", "CHANNEL_HANGUP_COMPLETE", "DTMF", "PLAYBACK_START",
           "PLAYBACK_STOP", "CHANNEL_EXECUTE_COMPLETE", "BACKGROUND_JOB", *RECORD_EVENTS)
+# Delivered for every channel on the switch (a new call may be ours; bgapi results name no channel); every other
+# event comes only for the channels we own, which the controller watches from its take to its end.
+EVERY_CHANNEL = ("CHANNEL_ANSWER", "BACKGROUND_JOB")
 PLAYBACK_FAILURES = ("FILE NOT FOUND", "PLAYBACK ERROR")
 # mod_audio_fork::error is a message our own server sent; mod_audio_stream::error is a failed connection
 CONNECT_FAILED = ("mod_audio_fork::connect_failed", "mod_audio_stream::error")
@@ -206,6 +209,7 @@ class Controller:
         call.log = call_logger(uuid, did, route=route.name)
         self.calls.add(call)
         assert self.esl is not None
+        gevent.spawn(self._still_there, call, self.esl.watch(uuid))  # before any command for the call
         call.control = EslCallControl(self.esl, uuid, on_sent=lambda kind, t: self._sent(call, kind, t),
                                       log=call.log, stop_fork=self._stop_fork_command(call),
                                       marker=self.config.esl.marker_variable)
@@ -244,6 +248,24 @@ class Controller:
         call.timer = gevent.spawn_later(route.max_duration, self._max_duration_reached, call)
         return call
 
+    def _still_there(self, call: Call, watching: gevent.event.AsyncResult) -> None:
+        """The channel's events come from when FreeSWITCH applied our filter: a caller who hung up between the
+        answer and that moment sent a hangup we never saw, so ask once the filter is in."""
+        assert self.esl is not None
+        try:
+            watching.get(timeout=self.config.esl.command_timeout)
+            gone = self.esl.api(f"uuid_exists {call.uuid}").strip() == "false"
+        except (EslError, gevent.Timeout):
+            return  # no connection: the resync after the reconnect asks about every call
+        if gone and call.state != CallState.ENDED:
+            self._ended(call, "GONE_BEFORE_WATCHED")
+
+    def _forget(self, call: Call) -> None:
+        """Nothing more is needed from FreeSWITCH about this channel (its recording, if any, is closed too)."""
+        if self.esl is not None:
+            self.esl.unwatch(call.uuid)
+        self.on_call_end(call)
+
     # ---- the recording (FreeSWITCH's, beside the fork) ---------------------------------------------------
 
     def _start_recording(self, call: Call) -> None:
@@ -279,7 +301,7 @@ class Controller:
                 rec.done.wait(STOP_WAIT)
             self._closing_recordings.pop(call.uuid, None)
             call.record.recording = rec.summary()
-        self.on_call_end(call)
+        self._forget(call)
 
     def _arm_orphan_timer(self, call: Call, extra: float = 0.0) -> None:
         timeout = self.config.daemon.orphan_timeout + extra
@@ -541,7 +563,7 @@ class Controller:
             self._closing_recordings[call.uuid] = call  # its RECORD_STOP may be the very next event
             gevent.spawn(self._report, call)
         else:
-            self.on_call_end(call)
+            self._forget(call)
 
     # ---- after (re)connecting ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ import gevent.event
 from bridge.server import BridgeServer
 from bridge.tokens import TokenBook
 from controller.callapi import CallApi
-from controller.callflow import CUSTOM, EVENTS, Controller
+from controller.callflow import CUSTOM, EVENTS, EVERY_CHANNEL, Controller
 from controller.callrecords import CallRecordWriter
 from controller.calls import Call
 from controller.config import Config, ConfigError, load_config
@@ -56,7 +56,8 @@ class Daemon:
         esl = config.esl
         self.esl = EslClient(
             EslSettings(host=esl.host, port=esl.port, password=esl.password, command_timeout=esl.command_timeout,
-                        reconnect_max=esl.reconnect_max, events=EVENTS, custom=CUSTOM),
+                        reconnect_max=esl.reconnect_max, events=EVENTS, custom=CUSTOM,
+                        every_channel=EVERY_CHANNEL),
             on_event=self.controller.on_event, on_connected=lambda _again: self.controller.resync(),
             on_state=self._esl_state)
         self.controller.esl = self.esl

@@ -139,13 +139,17 @@ class EslConnection(InboundESL):
 
     def send(self, data: str):
         """sendall instead of send: a long command must not be cut."""
+        return self.post(data).get()
+
+    def post(self, data: str) -> gevent.event.AsyncResult:
+        """Write a command now (commands go out, and are answered, in the order posted); its reply comes later."""
         if not self.connected:
             raise NotConnectedError("not connected")
         result = gevent.event.AsyncResult()
         with self._send_lock:
             self._commands_sent.append(result)
             self.sock.sendall((data + "\n\n").encode("utf-8"))
-        return result.get()
+        return result
 
     def close(self) -> None:
         self._mark_lost("closed by us")
@@ -164,6 +168,9 @@ class EslSettings:
     reconnect_max: float = 30.0
     events: tuple[str, ...] = ()
     custom: tuple[str, ...] = ()
+    # With these set, only these events come for every channel; the others only for channels `watch`ed (ESL
+    # filters: a switch's other calls, and another worker's, cost nothing to parse). Empty: everything comes.
+    every_channel: tuple[str, ...] = ()
 
 
 class EslClient:
@@ -183,6 +190,7 @@ class EslClient:
         self.reconnects = 0
         self._conn: EslConnection | None = None
         self._jobs: dict[str, gevent.event.AsyncResult] = {}
+        self._watched: set[str] = set()
         self._stopping = False
         self._runner: gevent.Greenlet | None = None
         self._ready = gevent.event.Event()
@@ -281,6 +289,58 @@ class EslClient:
         reply = conn.send(f"event plain {words}")
         if not reply.data.startswith("+OK"):
             raise EslError(f"subscription refused: {reply.data}")
+        if not self.settings.every_channel:
+            return
+        # posted together (one round trip, not one per call), then every answer checked; a call taken meanwhile
+        # (its watch() found no connection) is added in the next round, before the connection is handed out
+        commands = [f"filter Event-Name {name}" for name in self.settings.every_channel]
+        added: set[str] = set()
+        while commands:
+            for reply in [conn.post(command) for command in commands]:
+                if not reply.get().data.startswith("+OK"):
+                    raise EslError(f"filter refused: {reply.get().data}")
+            fresh = self._watched - added
+            added |= fresh
+            commands = [f"filter Unique-ID {uuid}" for uuid in fresh]
+
+    # ---- which channels' events come ----------------------------------------------------------------
+
+    def watch(self, uuid: str) -> gevent.event.AsyncResult:
+        """Deliver this channel's events from now on (and after every reconnect) until `unwatch`. The command is
+        written before this returns, so it goes ahead of anything sent for the call after it; the result is set
+        once FreeSWITCH has applied it (from then on, none of the channel's events is missed): the reply text,
+        or an EslError (the filter is added again at the next connect)."""
+        self._watched.add(uuid)
+        done = gevent.event.AsyncResult()
+        if not self.settings.every_channel:
+            done.set("+OK")
+            return done
+        conn = self._conn
+        if conn is None or not self.connected:
+            done.set_exception(EslError("ESL not connected"))
+            return done
+        try:
+            reply = conn.post(f"filter Unique-ID {uuid}")
+        except (NotConnectedError, OSError) as exc:
+            done.set_exception(EslError(f"connection lost: {_describe(exc)}"))
+            return done
+        reply.rawlink(lambda r: done.set(r.get().data or "") if r.successful()
+                      else done.set_exception(EslError(f"connection lost: {_describe(r.exception)}")))
+        return done
+
+    def unwatch(self, uuid: str) -> None:
+        """The channel is no longer ours: its events stop (nobody waits for FreeSWITCH's reply)."""
+        if uuid not in self._watched:
+            return
+        self._watched.discard(uuid)
+        conn = self._conn
+        if self.settings.every_channel and conn is not None and self.connected:
+            with contextlib.suppress(NotConnectedError, OSError):
+                conn.post(f"filter delete Unique-ID {uuid}")
+
+    @property
+    def watched(self) -> frozenset[str]:
+        return frozenset(self._watched)
 
     def _fail_jobs(self, reason: str) -> None:
         jobs, self._jobs = self._jobs, {}

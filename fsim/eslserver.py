@@ -6,6 +6,7 @@ import contextlib
 import logging
 import socket
 import uuid as uuidlib
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import gevent
@@ -45,6 +46,7 @@ class ESLConnection:
         self._held: list[bytes] | None = None
         self._writer = gevent.spawn(self._write_loop)
         self.commands: list[str] = []
+        self.delivered: Counter[tuple[str, str]] = Counter()  # (event name, Unique-ID) → events sent to this client
 
     # ------------------------------------------------------------------ output
     def _write_loop(self) -> None:
@@ -113,6 +115,7 @@ class ESLConnection:
     def deliver(self, ev: Event) -> None:
         if not self.wants(ev):
             return
+        self.delivered[(ev.name, ev.uuid or "")] += 1
         if self.format == "json":
             frame = wire.event_frame(ev.json(), "text/event-json")
         else:
@@ -324,6 +327,10 @@ class ESLConnection:
         if len(parts) < 2:
             self.reply("-ERR invalid syntax")
             return
+        faults = self.sw.faults
+        if faults.hangups_before_filter and parts[0].lower() == "unique-id" and parts[1] in self.sw.channels:
+            faults.hangups_before_filter -= 1
+            self.sw.channels[parts[1]].hangup("NORMAL_CLEARING", by="caller")
         self.filters.append((parts[0], parts[1]))
         self.reply(f"+OK filter added. [{parts[0]}]=[{parts[1]}]")
 

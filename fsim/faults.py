@@ -30,6 +30,7 @@ class Faults:
         self.fork_connect_delay = 0.0  # seconds before a fork/stream dials (slow network)
         self.fork_write_lag = 0.0  # seconds the ws writer stalls before each send: lws lag → coalesced frames
         self.rude_reject = False  # new ESL connections get text/rude-rejection (ACL)
+        self.hangups_before_filter = 0  # the next N channels filtered by Unique-ID hang up just before it applies
         self._refusals: list[tuple[int, Callable[[str, str], bool] | None]] = []
         self.crashes: list[Crash] = []
 
@@ -51,6 +52,12 @@ class Faults:
             else:
                 raise ValueError(f"unknown drop mode {mode!r}")
         return len(conns)
+
+    def hang_up_before_filter(self, count: int = 1) -> None:
+        """The caller hangs up between the CHANNEL_ANSWER a client saw and the `filter Unique-ID <uuid>` it sent
+        for that channel: the hangup's events fire while the filter is not yet in, so that client never gets
+        them (a connection with filters is sent only what matches one)."""
+        self.hangups_before_filter = count
 
     def delay_replies(self, seconds: float) -> None:
         """Every api/bgapi reply waits ``seconds`` (a loaded switch); 0 turns it off."""

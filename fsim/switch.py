@@ -59,7 +59,8 @@ def _is_uuid(s: str) -> bool:
 class FSim:
     """A FreeSWITCH stand-in for tests. Start it, point the controller at ``esl_port``, place calls.
 
-    ``dids``: DIDs the simulated dialplan answers (None = every DID). ``marker``: the variable the dialplan sets
+    ``dids``: DIDs the simulated dialplan answers (None = every DID). ``others``: DIDs it answers and parks without
+    the marker (the switch's other calls, not forkbridge's). ``marker``: the variable the dialplan sets
     to mark calls as ours. ``dialplan_vars``: more variables the extension sets. ``fork_build``: ``drachtio`` (no
     audio back) or ``jambonz`` (bidirectional). ``broadcast_lead_frames``: frames read before each queued
     broadcast starts (FreeSWITCH uses 5).
@@ -73,6 +74,7 @@ class FSim:
         spool_dir: str | None = None,
         temp_dir: str | None = None,
         dids: list[str] | None = None,
+        others: list[str] | None = None,
         marker: tuple[str, str] = ("forkbridge", "true"),
         dialplan_vars: dict[str, str] | None = None,
         fork_build: str = "drachtio",
@@ -91,6 +93,7 @@ class FSim:
         self._own_temp = temp_dir is None
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="fsim-tmp-")
         self.dids = set(dids) if dids is not None else None
+        self.others = set(others or ())  # DIDs the switch's other extensions answer and park, without our marker
         self.callees: dict[str, Callee] = dict(callees or {})  # what each number `originate` dials does
         self.marker = marker
         self.dialplan_vars = dict(dialplan_vars or {})
@@ -177,7 +180,8 @@ class FSim:
             return None
         out = {"playback_terminators": "none", "park_timeout": "3600:NORMAL_CLEARING"}
         out.update(self.dialplan_vars)
-        if self.marker:  # as dialplan/forkbridge.xml does: the marker, the DID without its '+', and the timer
+        # as dialplan/forkbridge.xml does: the marker, the DID without its '+', and the timer
+        if self.marker and did not in self.others:
             out[self.marker[0]] = self.marker[1]  # for a call no daemon takes (Channel._run arms it before answer)
             out.setdefault("forkbridge_did", did.lstrip("+"))
             out.setdefault("forkbridge_untaken_after", "60")

@@ -310,3 +310,65 @@ def test_a_caller_hanging_up_during_a_reply_is_no_playback_failure(tmp_path):
     assert not [name for _, name, _ in ended[0].timeline if name == "playback_failed"]
     assert ended[0].outcome == "completed"
     assert not [r.getMessage() for r in errors]
+
+
+# ---- which events the daemon is sent (ESL filters) ------------------------------------------------------------------
+
+def _daemon_connection(sw):
+    """The daemon's ESL connection on fsim: the one with filters (only its own calls' events are sent to it)."""
+    return wait_until(lambda: next((c for c in list(sw.esl.connections) if c.filters and not c.closed), None),
+                      what="the daemon's filtered ESL connection")
+
+
+def _sent_for(conn, uuid: str) -> set[str]:
+    return {name for name, about in list(conn.delivered) if about == uuid}
+
+
+def test_the_switchs_other_calls_reach_the_daemon_only_as_their_answer(tmp_path):
+    """A switch carries calls that are not forkbridge's (here DID 5000, parked by another extension): their
+    digits, playbacks and hangups are not sent to the daemon at all, while its own call's are."""
+    digits = CallerScript(audio=Silence(6.0), dtmf=[("1", 1.0), ("2", 1.3)], hangup_after=3.0)
+    with FSim(others=["5000"]) as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
+        conn = _daemon_connection(sw)
+        other = sw.place_call(did="5000", script=digits)
+        ours = sw.place_call(did="7100", script=digits)
+        engine = wait_until(lambda: _engine(daemon, ours.uuid), what="the engine session")
+        wait_until(lambda: engine.texts_received == ["1", "2"], what="our caller's digits at the engine")
+        wait_until(lambda: [c for c in daemon.ended_calls if c.uuid == ours.uuid], what="our call's end")
+        wait_until(lambda: other.hangup_cause, what="the other call's hangup")
+        assert {"DTMF", "CHANNEL_HANGUP_COMPLETE"} <= {ev.name for ev in sw.events_log if ev.uuid == other.uuid}
+        assert _sent_for(conn, other.uuid) == {"CHANNEL_ANSWER"}
+        assert {"CHANNEL_ANSWER", "DTMF", "CHANNEL_EXECUTE_COMPLETE", "CHANNEL_HANGUP_COMPLETE"} <= _sent_for(
+            conn, ours.uuid)
+        # once the call is over its events stop too: FreeSWITCH keeps no filter for a channel that is gone
+        wait_until(lambda: ("Unique-ID", ours.uuid) not in conn.filters, what="our call's filter deleted")
+        assert conn.commands.count(f"filter Unique-ID {ours.uuid}") == 1
+        assert f"filter delete Unique-ID {ours.uuid}" in conn.commands
+
+
+def test_a_caller_who_hangs_up_before_the_daemon_watches_the_call_is_not_kept(tmp_path):
+    """The hangup of a caller who leaves between the answer and the daemon's filter for the call is never sent
+    to it: the daemon asks FreeSWITCH once the filter is in, and lets the call go instead of holding it."""
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
+        conn = _daemon_connection(sw)
+        sw.faults.hang_up_before_filter()
+        call = sw.place_call(did="7100", script=TALKING)
+        ended = wait_until(lambda: [c for c in daemon.ended_calls if c.uuid == call.uuid], timeout=5,
+                           what="the daemon to let the call go")
+        assert ended[0].end_reason == "GONE_BEFORE_WATCHED"
+        assert _sent_for(conn, call.uuid) == {"CHANNEL_ANSWER"}  # its hangup never came
+        assert len(daemon.controller.calls) == 0
+        assert [c.command for c in sw.commands_for(call.uuid)].count("uuid_exists") == 1
+
+
+def test_after_an_esl_drop_the_new_connection_is_sent_the_live_calls_events(tmp_path):
+    script = CallerScript(audio=Silence(8.0), dtmf=[("7", 3.0)], hangup_after=5.0)
+    with FSim() as sw, running_daemon(config_for(tmp_path, sw)) as daemon:
+        call = sw.place_call(did="7100", script=script)
+        engine = wait_until(lambda: _engine(daemon, call.uuid), what="the engine session")
+        first = _daemon_connection(sw)
+        sw.faults.drop_esl("eof")
+        second = wait_until(lambda: (c := _daemon_connection(sw)) is not first and c, what="the reconnect")
+        assert ("Unique-ID", call.uuid) in second.filters
+        wait_until(lambda: engine.texts_received == ["7"], what="the digit pressed after the drop")
+        wait_until(lambda: [c for c in daemon.ended_calls if c.uuid == call.uuid], what="the hangup after the drop")

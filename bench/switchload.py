@@ -157,8 +157,10 @@ def measure(bridge: str, pid: int, stat_port: int, callers: Callers, n: int, sec
     gevent.sleep(SETTLE_S)
     profiler = None
     if spy and folded is not None:
-        profiler = subprocess.Popen([spy, "record", "--gil", "-p", str(pid), "-d", str(int(seconds)), "-r", "100", "-f",
-                                     "raw", "-o", str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rate = os.environ.get("SPY_RATE", "100")  # samples per second; more for a finer profile of a short window
+        profiler = subprocess.Popen([spy, "record", "--gil", "-p", str(pid), "-d", str(int(seconds)), "-r", rate,
+                                     "-f", "raw", "-o", str(folded)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs = process_tree(pid)
     owned = callers.per_worker(workers) if bridge == "forkbridge" and workers > 1 else Counter()
     t1, a1 = time.time(), audio_in_bytes(bridge, stat_port)

@@ -70,7 +70,7 @@ class _Chunk:
     duration_ms: float
     started_at: float = 0.0
     finished: bool = False
-    data: bytearray | None = None  # a growing file: what was written to it (its tail is re-queued on underrun)
+    written: int = -1  # a growing file: bytes written to it so far (its unread tail is re-queued on underrun)
     fd: int = -1  # a growing file still open for appending
 
 
@@ -203,7 +203,7 @@ class BroadcastPlayer(Player):
         path = os.path.join(self.spool_dir, f"{self.uuid}-{self._seq:05d}{self.ext}")
         chunk = _Chunk(path, self._pending_response, 0.0)
         if self.native and self._pending_response not in self._done and self._growing is None:
-            chunk.data = bytearray()
+            chunk.written = 0
             chunk.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             self._growing = chunk
             self._append(chunk, data, queued=True)
@@ -219,9 +219,9 @@ class BroadcastPlayer(Player):
 
     def _append(self, chunk: _Chunk, data: bytes, queued: bool = False) -> None:
         """More of the reply at the end of its growing file (FreeSWITCH reads it as it plays)."""
-        assert chunk.data is not None
+        assert chunk.written >= 0
         os.write(chunk.fd, data)
-        chunk.data += data
+        chunk.written += len(data)
         ms = self._ms(len(data))
         chunk.duration_ms += ms
         self.on_chunk(ms, queued)
@@ -266,11 +266,12 @@ class BroadcastPlayer(Player):
         if path in self._order:
             self._order.remove(path)
         tail = b""
-        if chunk.data is not None:
+        if chunk.written >= 0:
             self._seal(chunk)
-            if status == "done" and 0 <= read_bytes < len(chunk.data):
-                # FreeSWITCH caught up with us and ended this playback: what it did not read goes on next
-                tail = bytes(chunk.data[read_bytes - read_bytes % self._align:])
+            if status == "done" and 0 <= read_bytes < chunk.written:
+                # FreeSWITCH caught up with us and ended this playback: what it did not read goes on next (read
+                # back from the file: a reply is not also kept in memory while it plays)
+                tail = _read_from(path, read_bytes - read_bytes % self._align)
                 chunk.duration_ms -= self._ms(len(tail))
         if chunk.started_at and not chunk.finished:
             played = chunk.duration_ms if status == "done" else self._elapsed_ms(chunk)
@@ -556,3 +557,13 @@ class StreamPlayer(Player):
 def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _read_from(path: str, offset: int) -> bytes:
+    """A spool file from `offset` to its end (nothing if it is gone: there is nothing left to play then)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read()
+    except OSError:
+        return b""

@@ -1,9 +1,10 @@
 """Which calls a worker process owns, and the addresses it listens on (`daemon.workers` above 1).
 
-Every worker sees every event of the one FreeSWITCH, so each must know, without asking the others, whether a
-channel is its own: the owner of a call is crc32(channel uuid) % N, the same answer in every process, at every
-answer and at every resync after a (re)start. An outbound call is placed by the worker that owns its route's name
-(so a route's `max_concurrent` is counted in one place) under a uuid that worker owns.
+Every worker sees every CHANNEL_ANSWER of the one FreeSWITCH (a call's other events only once its owner has taken
+it), so each must know, without asking the others, whether a channel is its own: the owner of a call is
+crc32(channel uuid) % N, the same answer in every process, at every answer and at every resync after a (re)start.
+An outbound call is placed by the worker that owns its route's name (so a route's `max_concurrent` is counted in
+one place) under a uuid that worker owns.
 """
 
 from __future__ import annotations

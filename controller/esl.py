@@ -310,11 +310,12 @@ class EslClient:
         written before this returns, so it goes ahead of anything sent for the call after it; the result is set
         once FreeSWITCH has applied it (from then on, none of the channel's events is missed): the reply text,
         or an EslError (the filter is added again at the next connect)."""
-        self._watched.add(uuid)
         done = gevent.event.AsyncResult()
-        if not self.settings.every_channel:
+        if not self.settings.every_channel or uuid in self._watched:  # one filter per channel, however often asked
+            self._watched.add(uuid)
             done.set("+OK")
             return done
+        self._watched.add(uuid)
         conn = self._conn
         if conn is None or not self.connected:
             done.set_exception(EslError("ESL not connected"))

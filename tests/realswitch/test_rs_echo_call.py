@@ -40,6 +40,9 @@ def _config(tmp_path, switch, rate: int):
 def test_echo_call_heard_right_cut_by_barge_in_and_answering_digits(tmp_path, drachtio, probe, rate):
     config = _config(tmp_path, drachtio, rate)
     with running_daemon(config) as daemon:
+        received: list[tuple[str, str]] = []  # every event FreeSWITCH sent the daemon: (name, channel)
+        handle = daemon.esl.on_event
+        daemon.esl.on_event = lambda event: (received.append((event.name, event.uuid)), handle(event))
         # 440 Hz for 1.5 s; the echo comes back ~0.6 s after it ends; 660 Hz starts 0.5 s into the echo.
         caller = Caller(drachtio, probe, tmp_path, Tone(440, 1.5, 0.3) + Silence(1.1) + Tone(660, 0.6, 0.3)
                         + Silence(5.0)).dial()
@@ -75,6 +78,12 @@ def test_echo_call_heard_right_cut_by_barge_in_and_answering_digits(tmp_path, dr
     assert abs(second.seconds - 0.6) < 0.1, str(second)
     for piece in heard:
         assert piece.max_hole_ms <= HOLE_LIMIT_MS, str(piece)
+    # FreeSWITCH sent the daemon its call's events, and of the caller's own leg (a channel on the same switch that is
+    # not forkbridge's: it plays the caller's audio, sends the digit, hangs up) only the answer
+    ours = {name for name, uuid in received if uuid == caller.b}
+    assert {"CHANNEL_ANSWER", "DTMF", "PLAYBACK_START", "PLAYBACK_STOP", "CHANNEL_HANGUP"} <= ours, ours
+    assert {name for name, uuid in received if uuid == caller.a} <= {"CHANNEL_ANSWER"}
+    assert all(uuid == caller.b or name in ("CHANNEL_ANSWER", "BACKGROUND_JOB") for name, uuid in received), received
     # the digit reached the engine as text
     assert any(n == "dtmf_to_engine" and d.get("text") == "5" for _t, n, d in call.timeline)
     assert hangup.get("Hangup-Cause") == "NORMAL_CLEARING"

@@ -314,12 +314,12 @@ def daemon_process(tmp_path: Path, switch: FreeSwitch) -> Iterator[subprocess.Po
 
 def test_a_killed_daemon_leaves_its_caller_to_freeswitchs_timer_and_a_live_one_never_lets_it_fire(
         tmp_path, drachtio, probe):
-    """Two callers on one daemon. The first stays 2.5 orphan timeouts and hangs up: the timer, re-armed
+    """Two callers on one daemon. The first stays 1.5 orphan timeouts and hangs up: the timer, re-armed
     all along, never fires (nor the dialplan's 10 s one for calls nobody takes: the daemon replaced it), and
     nothing of ours is left scheduled. Then the daemon is SIGKILLed under the second: FreeSWITCH's timer
     transfers that caller to the operator within orphan_timeout (+2 s); and a third caller, answered with no
     daemon at all, is sent there by the timer the dialplan armed before answering."""
-    lifetime = 2.5 * ORPHAN_TIMEOUT_S  # seven re-arms; longer only costs test time
+    lifetime = 1.5 * ORPHAN_TIMEOUT_S  # four re-arms, and half a timeout past the first one's end
     with daemon_process(tmp_path, drachtio) as proc:
         long = Caller(drachtio, probe, tmp_path, Silence(lifetime), name="long", hangs_up=True).dial()
         orphan = Caller(drachtio, probe, tmp_path, Silence(lifetime + ORPHAN_TIMEOUT_S + 15), name="orphan",
@@ -336,7 +336,7 @@ def test_a_killed_daemon_leaves_its_caller_to_freeswitchs_timer_and_a_live_one_n
         assert not [e for e in probe.events if e.name == "CHANNEL_UNPARK" and e.uuid in (long.b, orphan.b)
                     and e.get("Caller-Destination-Number") != "7100"]
         armed = sched_events(probe, long, "ADD_SCHEDULE")
-        assert len(armed) >= 6, f"the timer was armed {len(armed)} time(s) in {lifetime}s"  # every timeout/3
+        assert len(armed) >= 4, f"the timer was armed {len(armed)} time(s) in {lifetime}s"  # every timeout/3
         assert our_task(probe, orphan), probe.api("show tasks")
 
         # the daemon dies with the second caller parked on our fork

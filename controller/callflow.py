@@ -253,10 +253,13 @@ class Controller:
         answer and that moment sent a hangup we never saw, so ask once the filter is in."""
         assert self.esl is not None
         try:
-            watching.get(timeout=self.config.esl.command_timeout)
+            reply = watching.get(timeout=self.config.esl.command_timeout)
             gone = self.esl.api(f"uuid_exists {call.uuid}").strip() == "false"
         except (EslError, gevent.Timeout):
             return  # no connection: the resync after the reconnect asks about every call
+        if not reply.startswith("+OK"):
+            call.log.error("FreeSWITCH refused this call's event filter (%s): its events may not reach us",
+                           reply.strip())
         if gone and call.state != CallState.ENDED:
             self._ended(call, "GONE_BEFORE_WATCHED")
 

@@ -339,10 +339,6 @@ class EslClient:
             with contextlib.suppress(NotConnectedError, OSError):
                 conn.post(f"filter delete Unique-ID {uuid}")
 
-    @property
-    def watched(self) -> frozenset[str]:
-        return frozenset(self._watched)
-
     def _fail_jobs(self, reason: str) -> None:
         jobs, self._jobs = self._jobs, {}
         for result in jobs.values():

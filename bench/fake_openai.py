@@ -57,7 +57,6 @@ BARGE_AT_S = 0.8  # interrupted responses: speech_started this long after the fi
 BARGE_EVERY = 2  # every other response is interrupted
 
 
-
 def _tone(rate: int) -> np.ndarray:
     return (3000 * np.sin(2 * np.pi * 330.0 * np.arange(rate * DELTA_MS // 1000) / rate)).astype("<i2")
 
@@ -206,14 +205,14 @@ class Session:
         if kind == "session.update":
             session = msg.get("session") or {}
             audio = session.get("audio") or {}
-            kind = ((audio.get("output") or {}).get("format") or {"type": "audio/pcm"}).get("type")
-            if kind not in _TONES_B64:
+            output = ((audio.get("output") or {}).get("format") or {"type": "audio/pcm"}).get("type")
+            if output not in _TONES_B64:
                 self.conn.send_json({"type": "error", "event_id": self._id("event"),
                                      "error": {"type": "invalid_request_error", "code": "invalid_value",
-                                               "message": f"this fake does not send {kind}",
+                                               "message": f"this fake does not send {output}",
                                                "param": "session.audio.output.format"}})
                 return
-            self.tone_b64 = _TONES_B64[kind]
+            self.tone_b64 = _TONES_B64[output]
             echoed = {"type": "realtime", "object": "realtime.session", "id": f"sess_{self.n}",
                       "model": session.get("model", "gpt-realtime"), "output_modalities": ["audio"],
                       "audio": {"input": {"format": (audio.get("input") or {}).get("format"),

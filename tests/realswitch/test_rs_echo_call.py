@@ -14,7 +14,7 @@ import pytest
 from bridge.echo import DTMF_FREQS
 from fsim.audio import Silence, Tone
 from tests.harness import load, running_daemon, wait_until, write_config
-from tests.realswitch.caller import Caller, real_calls, wait_no_channels
+from tests.realswitch.caller import ABANDONED, Caller, real_calls, wait_no_channels
 from tests.realswitch.switch import PASSWORD
 
 ROUTE = """
@@ -83,7 +83,8 @@ def test_echo_call_heard_right_cut_by_barge_in_and_answering_digits(tmp_path, dr
     ours = {name for name, uuid in received if uuid == caller.b}
     assert {"CHANNEL_ANSWER", "DTMF", "PLAYBACK_START", "PLAYBACK_STOP", "CHANNEL_HANGUP"} <= ours, ours
     assert {name for name, uuid in received if uuid == caller.a} <= {"CHANNEL_ANSWER"}
-    assert all(uuid == caller.b or name in ("CHANNEL_ANSWER", "BACKGROUND_JOB") for name, uuid in received), received
+    assert all(uuid in (caller.b, *ABANDONED) or name in ("CHANNEL_ANSWER", "BACKGROUND_JOB")
+               for name, uuid in received), received  # (the B leg of a dial placed again was the daemon's too)
     # the digit reached the engine as text
     assert any(n == "dtmf_to_engine" and d.get("text") == "5" for _t, n, d in call.timeline)
     assert hangup.get("Hangup-Cause") == "NORMAL_CLEARING"
@@ -100,10 +101,11 @@ def test_only_the_marked_leg_is_forked(tmp_path, drachtio, probe):
         caller.wait(lambda e: e.subclass == "mod_audio_fork::connect", 5, "the fork to connect")
         answers = [e for e in probe.events if e.name == "CHANNEL_ANSWER" and e.uuid in (caller.a, caller.b)]
         assert {e.get("Caller-Destination-Number") for e in answers} == {"7100"} and len(answers) == 2
+        # (a dial placed again after the loopback race leaves a marked B leg that was forked too: not this call)
         forked = {e.uuid for e in probe.events if e.name == "MEDIA_BUG_START"
-                  and e.get("Media-Bug-Function") != "session_record"}
+                  and e.get("Media-Bug-Function") != "session_record"} - ABANDONED
         assert forked == {caller.b}
-        assert [c.uuid for c in daemon.controller.calls] == [caller.b]
+        assert [c.uuid for c in daemon.controller.calls if c.uuid not in ABANDONED] == [caller.b]
         caller.hang_up()
         caller.wait_gone()
     wait_no_channels(probe)

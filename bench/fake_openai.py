@@ -35,12 +35,16 @@ import socket  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import gevent.lock  # noqa: E402
 import numpy as np  # noqa: E402
 from gevent.server import StreamServer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fsim.audio import ulaw_encode  # noqa: E402  (fsim's G.711, written apart from the bridge's)
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 APPEND_PREFIX = b'{"type":"input_audio_buffer.append","audio":"'
@@ -61,22 +65,12 @@ def _tone(rate: int) -> np.ndarray:
     return (3000 * np.sin(2 * np.pi * 330.0 * np.arange(rate * DELTA_MS // 1000) / rate)).astype("<i2")
 
 
-def _ulaw(x: np.ndarray) -> bytes:
-    """G.711 mu-law encoding (ITU-T G.711: bias 0x84, clip 32635, inverted bits)."""
-    s = x.astype(np.int32)
-    sign = np.where(s < 0, 0x80, 0)
-    mag = np.minimum(np.abs(s), 32635) + 0x84
-    exponent = np.floor(np.log2(mag >> 7)).astype(np.int32)
-    mantissa = (mag >> (exponent + 3)) & 0x0F
-    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
-
-
 _TONE = _tone(RATE).tobytes()
 DELTA_BYTES = len(_TONE)
 # One delta of the tone in each output format a session may ask for: what the server sends is in the format
 # session.updated confirmed (reference: `audio/pcm` is 24 kHz, `audio/pcmu` 8 kHz mu-law, one byte a sample).
 _TONES_B64 = {"audio/pcm": base64.b64encode(_TONE).decode("ascii"),
-              "audio/pcmu": base64.b64encode(_ulaw(_tone(8000))).decode("ascii")}
+              "audio/pcmu": base64.b64encode(ulaw_encode(_tone(8000))).decode("ascii")}
 
 
 def _mask(key: bytes, data: bytes) -> bytes:

@@ -71,6 +71,17 @@ def read_audio_file(path: str) -> tuple[np.ndarray, int]:
     raise UnplayableFile(f"{path}: no format module for {ext or 'no extension'}")
 
 
+def ulaw_encode(samples: np.ndarray) -> bytes:
+    """Linear samples to G.711 mu-law (ITU-T G.711: bias 0x84, clip 32635, inverted bits), written independently
+    of the bridge's codec tables: what a caller's phone or a fake engine sends."""
+    x = samples.astype(np.int32)
+    sign = np.where(x < 0, 0x80, 0)
+    mag = np.minimum(np.abs(x), 32635) + 0x84
+    exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
+    mantissa = (mag >> (exponent + 3)) & 0x0F
+    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+
+
 def g711_decode(data: bytes, law: str) -> np.ndarray:
     """G.711 bytes to linear samples (ITU-T G.711 expansion), for native PCMU/PCMA files."""
     b = np.frombuffer(data, dtype=np.uint8).astype(np.int32)

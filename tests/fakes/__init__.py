@@ -23,6 +23,8 @@ import numpy as np
 from gevent.pywsgi import WSGIServer
 from geventwebsocket.handler import WebSocketHandler
 
+from fsim.audio import g711_decode, ulaw_encode
+
 WAIT = 5.0  # seconds; generous, only ever reached when a test fails
 
 
@@ -97,25 +99,13 @@ def rms(pcm: bytes) -> float:
     return float(np.sqrt(np.mean(samples * samples)))
 
 
-_BIAS, _CLIP = 0x84, 32635
-
-
 def lin2ulaw(pcm: bytes) -> bytes:
-    """G.711 mu-law encode (ITU-T G.711), written independently of the bridge's codec."""
-    s = np.frombuffer(pcm, dtype="<i2").astype(np.int32)
-    sign = (s < 0).astype(np.int32)
-    mag = np.minimum(np.abs(s), _CLIP) + _BIAS
-    exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
-    mantissa = (mag >> (exponent + 3)) & 0x0F
-    return (~((sign << 7) | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
+    """G.711 mu-law encode (ITU-T G.711), written independently of the bridge's codec (fsim's)."""
+    return ulaw_encode(np.frombuffer(pcm, dtype="<i2"))
 
 
 def ulaw2lin(data: bytes) -> bytes:
-    u = ~np.frombuffer(data, dtype=np.uint8).astype(np.int32) & 0xFF
-    exponent = (u >> 4) & 0x07
-    magnitude = (((u & 0x0F) << 3) + _BIAS) << exponent
-    samples = np.where(u & 0x80, _BIAS - magnitude, magnitude - _BIAS)
-    return samples.astype("<i2").tobytes()
+    return g711_decode(data, "PCMU").astype("<i2").tobytes()
 
 
 def b64(data: bytes) -> str:

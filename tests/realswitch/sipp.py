@@ -31,7 +31,7 @@ from typing import IO
 import gevent
 import numpy as np
 
-from fsim.audio import Signal
+from fsim.audio import Signal, g711_decode, ulaw_encode
 from tests.realswitch.switch import FreeSwitch, Probe
 
 RATE = 8000  # PCMU
@@ -84,23 +84,6 @@ class Dtmf:
     digits: str
     on_ms: int = 160
     off_ms: int = 240
-
-
-def ulaw_encode(samples: np.ndarray) -> bytes:
-    """G.711 mu-law (the classic bias-and-segment encoder)."""
-    x = samples.astype(np.int32)
-    sign = np.where(x < 0, 0x80, 0)
-    mag = np.minimum(np.abs(x), 32635) + 0x84
-    exponent = np.clip(np.floor(np.log2(mag)).astype(np.int32) - 7, 0, 7)
-    mantissa = (mag >> (exponent + 3)) & 0x0F
-    return (~(sign | (exponent << 4) | mantissa) & 0xFF).astype(np.uint8).tobytes()
-
-
-def ulaw_decode(data: bytes) -> np.ndarray:
-    u = ~np.frombuffer(data, np.uint8).astype(np.int32) & 0xFF
-    exponent, mantissa = (u >> 4) & 0x07, u & 0x0F
-    mag = (((mantissa << 3) + 0x84) << exponent) - 0x84
-    return np.where(u & 0x80, -mag, mag).astype(np.int16)
 
 
 def rtp_packet(pt: int, seq: int, ts: int, payload: bytes, marker: bool = False) -> bytes:
@@ -200,7 +183,7 @@ class RtpTap:
 
     def heard(self) -> np.ndarray:
         """The PCMU audio placed by RTP timestamp (lost or unsent packets stay silent)."""
-        audio = [(ts, ulaw_decode(p)) for _t, pt, _s, ts, p in self.packets if pt == PCMU_PT and p]
+        audio = [(ts, g711_decode(p, "PCMU")) for _t, pt, _s, ts, p in self.packets if pt == PCMU_PT and p]
         if not audio:
             return np.zeros(0, np.int16)
         first = audio[0][0]

@@ -311,11 +311,11 @@ class EslClient:
         once FreeSWITCH has applied it (from then on, none of the channel's events is missed): the reply text,
         or an EslError (the filter is added again at the next connect)."""
         done = gevent.event.AsyncResult()
-        if not self.settings.every_channel or uuid in self._watched:  # one filter per channel, however often asked
-            self._watched.add(uuid)
+        already = uuid in self._watched  # one filter per channel, however often asked
+        self._watched.add(uuid)
+        if already or not self.settings.every_channel:
             done.set("+OK")
             return done
-        self._watched.add(uuid)
         conn = self._conn
         if conn is None or not self.connected:
             done.set_exception(EslError("ESL not connected"))
